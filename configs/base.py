@@ -1,0 +1,111 @@
+"""The experiment config: model, training and data sections, each a typed frozen dataclass.
+
+Task bases (``configs/tasks.py``) fill these with the public LRA values; presets
+(``configs/presets.py``) and command-line overrides change fields by dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+Pooling = Literal["cls", "mean"]
+Positional = Literal["sinusoidal", "learned", "learned_2d", "none"]
+DType = Literal["bfloat16", "float32", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shared encoder classifier (LRA: pre-LayerNorm blocks, GELU MLP, Dense-ReLU-Dense head).
+
+    ``attention`` holds the variant's own config dataclass; None means the variant's defaults.
+    """
+
+    variant: str = "full"
+    num_layers: int = 4
+    num_heads: int = 8
+    emb_dim: int = 512
+    qkv_dim: int = 512
+    mlp_dim: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pooling: Pooling = "cls"
+    positional: Positional = "sinusoidal"
+    dtype: DType = "bfloat16"
+    remat: bool = False
+    attention: Any = None
+
+    def __post_init__(self):
+        if self.qkv_dim % self.num_heads:
+            raise ValueError(f"qkv_dim {self.qkv_dim} must divide into num_heads {self.num_heads}")
+        for name in ("num_layers", "num_heads", "emb_dim", "qkv_dim", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of q, k and v."""
+        return self.qkv_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loop settings (LRA: Adam(0.9, 0.98, 1e-9), decoupled weight decay)."""
+
+    batch_size: int = 32
+    steps: int = 5000
+    lr: float = 0.05
+    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
+    warmup_steps: int = 1000
+    weight_decay: float = 0.1
+    grad_clip: float | None = None
+    adam_b1: float = 0.9
+    adam_b2: float = 0.98
+    adam_eps: float = 1e-9
+    grad_accum: int = 1
+    eval_every: int = 500
+    eval_batches: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "grad_accum", "eval_every", "checkpoint_every",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by "
+                             f"train.grad_accum {self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a task's data comes from and how much of it to generate.
+
+    ``source`` is "generated" for tasks the project generates (ListOps, Pathfinder) or "official"
+    to read released files from ``manual_dir``. Sizes of None mean the task's standard sizes.
+    """
+
+    task: str = "listops"
+    data_dir: str = "data"
+    source: Literal["generated", "official"] = "generated"
+    manual_dir: str | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    max_length: int | None = None
+    generation_seed: int = 0
+    workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run: model, training and data sections."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)

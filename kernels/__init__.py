@@ -1,0 +1,30 @@
+"""How exact (optionally block-sparse) softmax attention is computed: ``xla`` (reference),
+``cudnn`` and ``pallas`` implementations behind one ``dot_product_attention``."""
+
+from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.cudnn import cudnn_attention, cudnn_rejects
+from xformers_zoo.kernels.dispatch import (
+    IMPLEMENTATIONS,
+    AttentionCall,
+    KernelImpl,
+    NoImplementationError,
+    choose_implementation,
+    dot_product_attention,
+)
+from xformers_zoo.kernels.xla import xla_attention
+
+IMPLEMENTATIONS.register(
+    "xla", KernelImpl("xla", xla_attention, lambda call: None, "dense XLA reference"))
+IMPLEMENTATIONS.register(
+    "cudnn", KernelImpl("cudnn", cudnn_attention, cudnn_rejects, "cuDNN fused attention"))
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "AttentionCall",
+    "BlockMask",
+    "KernelImpl",
+    "NoImplementationError",
+    "choose_implementation",
+    "dot_product_attention",
+    "xla_attention",
+]

@@ -1,0 +1,117 @@
+"""``dot_product_attention``: exact (optionally block-sparse) softmax attention through the first
+implementation, of those requested, that can serve the call, saying why it passed over the others.
+
+Implementations register a ``KernelImpl`` in ``IMPLEMENTATIONS``: a ``rejects`` check that returns
+a reason (or None) from static facts (backend, dtype, shapes, options) and the function itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import jax
+from jaxtyping import Array, Bool, Float
+from xformers_zoo.kernels.block_mask import BlockMask
+
+from xformers_zoo.registry import Registry
+
+log = logging.getLogger("xformers_zoo.kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """The static facts of one attention call that implementations decide on."""
+
+    backend: str
+    dtype: str
+    batch: int
+    q_len: int
+    k_len: int
+    num_heads: int
+    head_dim: int
+    has_key_mask: bool
+    block_mask: BlockMask | None
+    causal: bool
+    dropout_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelImpl:
+    """An attention implementation: ``rejects(call)`` gives a reason it cannot serve, or None."""
+
+    name: str
+    fn: Callable[..., jax.Array]
+    rejects: Callable[[AttentionCall], str | None]
+    description: str = ""
+
+
+IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")
+_explained: set[tuple] = set()
+
+
+class NoImplementationError(ValueError):
+    """None of the requested implementations can serve a call; the message lists each reason."""
+
+
+def choose_implementation(
+    call: AttentionCall, implementation: Sequence[str]
+) -> tuple[KernelImpl, list[tuple[str, str]]]:
+    """Returns the first implementation that accepts ``call`` and the (name, reason) of those
+    skipped before it; raises NoImplementationError when none accepts."""
+    if isinstance(implementation, str):
+        implementation = (implementation,)
+    skipped: list[tuple[str, str]] = []
+    for name in implementation:
+        impl = IMPLEMENTATIONS.get(name)
+        reason = impl.rejects(call)
+        if reason is None:
+            return impl, skipped
+        skipped.append((name, reason))
+    detail = "; ".join(f"{n}: {r}" for n, r in skipped)
+    raise NoImplementationError(f"no attention implementation can serve this call ({detail})")
+
+
+def dot_product_attention(
+    q: Float[Array, "b q h d"],
+    k: Float[Array, "b k h d"],
+    v: Float[Array, "b k h d"],
+    *,
+    key_mask: Bool[Array, "b k"] | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: Sequence[str] = ("cudnn", "xla"),
+) -> Float[Array, "b q h d"]:
+    """Softmax attention ``softmax(q k^T * scale + mask) v`` per head.
+
+    ``key_mask`` is True at real keys; ``block_mask`` restricts which tiles are computed; rows
+    with no visible key return zeros. ``implementation`` is tried in order; each skipped one is
+    logged once with its reason (logger ``xformers_zoo.kernels``).
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"expected q [b, q, h, d] and k, v [b, k, h, d]; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if key_mask is not None and key_mask.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(f"key_mask must be [batch, k_len]={k.shape[:2]}, got {key_mask.shape}")
+    if block_mask is not None:
+        block_mask.check_shape(q.shape[1], k.shape[1], q.shape[2])
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_rng")
+    call = AttentionCall(
+        backend=jax.default_backend(), dtype=str(q.dtype), batch=q.shape[0], q_len=q.shape[1],
+        k_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
+        has_key_mask=key_mask is not None, block_mask=block_mask, causal=causal,
+        dropout_rate=float(dropout_rate),
+    )
+    impl, skipped = choose_implementation(call, implementation)
+    key = (impl.name, tuple(skipped))
+    if skipped and key not in _explained:
+        _explained.add(key)
+        for name, reason in skipped:
+            log.info("attention: skipped %s (%s); using %s", name, reason, impl.name)
+    return impl.fn(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
+                   dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -1,0 +1,66 @@
+"""The reference implementation: plain XLA einsums with a float32 softmax. Everything is
+supported (masks, block masks, causal, dropout); memory is quadratic in length."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+from xformers_zoo.kernels.block_mask import BlockMask
+
+# A large finite negative rather than -inf: a fully masked row then stays finite (its output is
+# zeroed below) instead of turning into NaN through inf - inf.
+_MASKED = -1e30
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    key_mask: Bool[Array, "b k"] | None,
+    block_mask: BlockMask | None,
+    causal: bool,
+) -> Bool[Array, "b h q k"] | None:
+    """The element mask [batch or 1, heads or 1, q, k] that the options stand for (None: all)."""
+    mask = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+    if block_mask is not None:
+        mask = both(mask, jnp.asarray(block_mask.to_dense(q_len, k_len))[None])
+    if causal:
+        mask = both(mask, jnp.tril(jnp.ones((q_len, k_len), bool), k_len - q_len)[None, None])
+    return mask
+
+
+def xla_attention(
+    q: Float[Array, "b q h d"],
+    k: Float[Array, "b k h d"],
+    v: Float[Array, "b k h d"],
+    *,
+    key_mask: Bool[Array, "b k"] | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> Float[Array, "b q h d"]:
+    """Softmax attention computed densely; rows with no visible key return zeros."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q.shape[1], k.shape[1], key_mask=key_mask, block_mask=block_mask,
+                          causal=causal)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)

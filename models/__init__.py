@@ -1,0 +1,6 @@
+"""Attention variants (one module each, registered by import) and the shared classifier."""
+
+from xformers_zoo.models import full  # noqa: F401  (registers "full")
+from xformers_zoo.models.classifier import Classifier
+
+__all__ = ["Classifier"]

@@ -1,0 +1,90 @@
+"""The LRA classifier: embeddings, the shared encoder with a variant's attention, pooling and
+the classifier head; two-sequence tasks (Retrieval) run one shared encoder on both sequences and
+classify [u, v, u*v, u-v] (Tay et al. 2020)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+from xformers_zoo.configs.base import ModelConfig
+
+from xformers_zoo.layers.embeddings import make_positions
+from xformers_zoo.layers.encoder import Encoder
+from xformers_zoo.layers.heads import ClassifierHead, dual_features, pool
+from xformers_zoo.tasks import TaskSpec
+from xformers_zoo.variants import VARIANTS
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+class Classifier(nnx.Module):
+    """Sequence classifier for any registered variant.
+
+    Args:
+      config: the model section; ``config.attention`` must already hold the variant's config
+        (``xformers_zoo.configs.resolve_model_config`` fills it).
+      task: the task's metadata (vocabulary, classes, image shape, one or two inputs).
+      max_length: tokens per input sequence (the task's length unless overridden).
+      rngs: parameter initialisation keys.
+    """
+
+    def __init__(self, config: ModelConfig, task: TaskSpec, *, max_length: int, rngs: nnx.Rngs):
+        spec = VARIANTS.get(config.variant)
+        dtype = DTYPES[config.dtype]
+        self.config, self.task, self.max_length = config, task, max_length
+        self.embed = nnx.Embed(task.vocab_size, config.emb_dim, dtype=dtype,
+                               param_dtype=jnp.float32, rngs=rngs)
+        self.positions = make_positions(config.positional, max_length, config.emb_dim,
+                                        image_shape=task.image_shape, rngs=rngs)
+        # CLS pooling reads a learned token prepended after positions are added, so that image
+        # grids keep their 2-D layout.
+        self.cls = (nnx.Param(jnp.zeros((config.emb_dim,), jnp.float32))
+                    if config.pooling == "cls" else None)
+        encoder_length = max_length + (config.pooling == "cls")
+        spec.check(config.attention, max_length=encoder_length, num_heads=config.num_heads,
+                   head_dim=config.head_dim)
+        self.encoder = Encoder(
+            spec, config.attention, num_layers=config.num_layers, emb_dim=config.emb_dim,
+            qkv_dim=config.qkv_dim, mlp_dim=config.mlp_dim, num_heads=config.num_heads,
+            max_length=encoder_length, dropout=config.dropout,
+            attention_dropout=config.attention_dropout, dtype=dtype, remat=config.remat,
+            rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout)
+        head_in = config.emb_dim * (4 if task.two_inputs else 1)
+        self.head = ClassifierHead(head_in, config.mlp_dim, task.num_classes, dtype=dtype,
+                                   rngs=rngs)
+
+    def encode(self, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"], *,
+               deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b e"]:
+        """One pooled vector per sequence."""
+        if tokens.shape[1] > self.max_length:
+            raise ValueError(f"inputs have {tokens.shape[1]} tokens; this model was built for "
+                             f"at most {self.max_length} (set data.max_length to change it)")
+        x = self.embed(tokens)
+        if self.positions is not None:
+            x = self.positions(x)
+        if self.cls is not None:
+            cls = jnp.broadcast_to(self.cls.value.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+            x = jnp.concatenate([cls, x], axis=1)
+            mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+        return pool(x, mask, self.config.pooling)
+
+    def __call__(self, tokens: Int[Array, "b *n l"], mask: Bool[Array, "b *n l"], *,
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Float[Array, "b c"]:
+        """Logits ``[batch, classes]``; two-input tasks take ``[batch, 2, length]`` inputs."""
+        if self.task.two_inputs:
+            if tokens.ndim != 3 or tokens.shape[1] != 2:
+                raise ValueError(f"{self.task.name} takes [batch, 2, length] inputs, got "
+                                 f"{tokens.shape}")
+            pooled = self.encode(rearrange(tokens, "b n l -> (b n) l"),
+                                 rearrange(mask, "b n l -> (b n) l"),
+                                 deterministic=deterministic, rngs=rngs)
+            u, v = rearrange(pooled, "(b n) e -> n b e", n=2)
+            features = dual_features(u, v)
+        else:
+            features = self.encode(tokens, mask, deterministic=deterministic, rngs=rngs)
+        return self.head(features)

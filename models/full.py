@@ -1,0 +1,45 @@
+"""Full softmax attention (Vaswani et al. 2017, "Attention Is All You Need"), computed by
+``kernels.dot_product_attention`` through the configured implementations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+from xformers_zoo.kernels import dot_product_attention
+
+from xformers_zoo.variants import Capabilities, register_variant
+
+
+@dataclasses.dataclass(frozen=True)
+class FullConfig:
+    """``implementation``: exact-attention implementations to try in order (see
+    ``xformers_zoo.kernels.IMPLEMENTATIONS``); ``causal``: autoregressive masking."""
+
+    implementation: tuple[str, ...] = ("cudnn", "xla")
+    causal: bool = False
+
+
+@register_variant(
+    "full", config_cls=FullConfig,
+    paper="Vaswani et al. 2017, Attention Is All You Need",
+    capabilities=Capabilities(causal=True, cross_attention=True),
+)
+class FullAttention(nnx.Module):
+    """Exact softmax attention over every key; quadratic in length."""
+
+    def __init__(self, config: FullConfig, *, num_heads: int, head_dim: int, max_length: int,
+                 dropout: float, rngs: nnx.Rngs):
+        del num_heads, head_dim, max_length, rngs
+        self.config = config
+        self.dropout = dropout
+
+    def __call__(self, q: Float[Array, "b l h d"], k: Float[Array, "b l h d"],
+                 v: Float[Array, "b l h d"], key_mask: Bool[Array, "b l"], *,
+                 deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l h d"]:
+        rate = 0.0 if deterministic else self.dropout
+        return dot_product_attention(
+            q, k, v, key_mask=key_mask, causal=self.config.causal, dropout_rate=rate,
+            dropout_rng=rngs.dropout() if rate > 0 else None,
+            implementation=self.config.implementation)
