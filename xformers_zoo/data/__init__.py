@@ -1,0 +1,9 @@
+"""The data layer: per-task sources, one TFDS builder writing array_record, grain pipelines."""
+
+from xformers_zoo.data import listops  # noqa: F401  (registers the ListOps source)
+from xformers_zoo.data.builder import data_source, dataset_builder, labels, prepare
+from xformers_zoo.data.pipeline import eval_batches, train_dataset
+from xformers_zoo.data.sources import SOURCES, DataSource
+
+__all__ = ["SOURCES", "DataSource", "data_source", "dataset_builder", "eval_batches", "labels",
+           "prepare", "train_dataset"]

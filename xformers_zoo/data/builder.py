@@ -1,0 +1,87 @@
+"""One TFDS dataset builder for every task, writing ``array_record`` files that are read back
+with ``tfds.data_source`` (random access, no TensorFlow needed to build or read)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource
+from xformers_zoo.tasks import TASKS
+
+log = logging.getLogger("xformers_zoo.data")
+
+
+class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base of the per-task builders; each subclass is made by ``_builder_class``."""
+
+    SOURCE: DataSource
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, data_config: DataConfig, **kwargs):
+        self._data_config = data_config
+        name = self.SOURCE.build_name(data_config)
+        super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        task = TASKS.get(self.SOURCE.task)
+        sequence = tfds.features.Tensor(shape=(None,), dtype=self.SOURCE.token_dtype)
+        features = {"inputs": sequence, "label": tfds.features.ClassLabel(
+            num_classes=task.num_classes)}
+        if task.two_inputs:
+            features["inputs2"] = sequence
+        return tfds.core.DatasetInfo(builder=self, description=self.SOURCE.description,
+                                     features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # sources read their own files (manual_dir) or generate
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split):
+        return self.SOURCE.examples(split, self._data_config)
+
+
+@functools.cache
+def _builder_class(task: str) -> type[_TaskBuilder]:
+    source = SOURCES.get(task)
+    # TFDS names a builder after its class; the class name must be the task in CamelCase.
+    class_name = "".join(part.capitalize() for part in task.replace("-", "_").split("_"))
+    return type(class_name, (_TaskBuilder,), {
+        "SOURCE": source, "VERSION": tfds.core.Version(source.version),
+        "__module__": __name__, "name": task,
+    })
+
+
+def dataset_builder(config: DataConfig) -> _TaskBuilder:
+    """The TFDS builder of ``config.task`` for these data settings."""
+    return _builder_class(config.task)(data_config=config, data_dir=str(Path(config.data_dir)),
+                                       file_format="array_record")
+
+
+def prepare(config: DataConfig) -> _TaskBuilder:
+    """Builds the data set once (reused afterwards) and returns its builder."""
+    builder = dataset_builder(config)
+    if not builder.is_prepared():
+        log.info("preparing %s/%s in %s", config.task, builder.builder_config.name,
+                 builder.data_dir)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=config.manual_dir))
+    return builder
+
+
+def data_source(config: DataConfig, split: str):
+    """Random-access source of one split (preparing the data set first if needed)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return prepare(config).as_data_source(split=split)
+
+
+def labels(config: DataConfig, split: str) -> np.ndarray:
+    """Every label of a split, in file order."""
+    source = data_source(config, split)
+    return np.asarray([source[i]["label"] for i in range(len(source))], np.int64)

@@ -1,0 +1,87 @@
+"""grain input pipelines: padded fixed-shape batches with a key mask, a seeded order, per-process
+sharding and a checkpointable training iterator.
+
+Batches are dicts of numpy arrays: ``inputs`` int32 ``[batch, length]`` (``[batch, 2, length]``
+for two-sequence tasks), ``mask`` bool of the same shape (True at real tokens), ``label`` int32
+``[batch]`` and ``weight`` float32 ``[batch]`` (0 for the filler rows of a last eval batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.data.builder import data_source
+from xformers_zoo.data.sources import effective_length
+from xformers_zoo.tasks import TASKS
+
+
+def _pad(tokens: np.ndarray, length: int, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pads (or rejects) one sequence to ``length``; returns int32 ids and the real-token mask."""
+    n = tokens.shape[0]
+    if n > length:
+        raise ValueError(f"{task} example of {n} tokens exceeds the sequence length {length}; "
+                         "raise data.max_length or rebuild the data with a shorter length")
+    ids = np.zeros(length, np.int32)
+    ids[:n] = tokens
+    return ids, np.arange(length) < n
+
+
+class PadExample(grain.transforms.Map):
+    """Pads an example's sequences to the task length and attaches the key mask."""
+
+    def __init__(self, config: DataConfig):
+        self.task = TASKS.get(config.task)
+        self.length = effective_length(config)
+
+    def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+        keys = ("inputs", "inputs2") if self.task.two_inputs else ("inputs",)
+        padded = [_pad(np.asarray(example[k]), self.length, self.task.name) for k in keys]
+        ids = np.stack([p[0] for p in padded]) if self.task.two_inputs else padded[0][0]
+        mask = np.stack([p[1] for p in padded]) if self.task.two_inputs else padded[0][1]
+        if not self.task.has_padding:
+            mask = np.ones_like(mask)
+        return {"inputs": ids, "mask": mask, "label": np.int32(example["label"]),
+                "weight": np.float32(1.0)}
+
+
+def _sharded(config: DataConfig, split: str) -> grain.MapDataset:
+    ds = grain.MapDataset.source(data_source(config, split))
+    # Each process reads its own interleaved slice, so hosts never see the same example.
+    return ds[jax.process_index()::jax.process_count()]
+
+
+def train_dataset(config: DataConfig, batch_size: int, seed: int) -> grain.IterDataset:
+    """Endless shuffled training batches (a new permutation every epoch, fixed by ``seed``).
+
+    ``batch_size`` is this process's share of the global batch. The iterator made from it has
+    ``get_state()``/``set_state()`` for checkpoints.
+    """
+    ds = _sharded(config, "train")
+    if len(ds) < batch_size:
+        raise ValueError(f"the train split has {len(ds)} examples for this process, fewer than "
+                         f"one batch of {batch_size}")
+    ds = ds.shuffle(seed=seed).repeat(None).map(PadExample(config))
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+
+
+def eval_batches(config: DataConfig, split: str, batch_size: int,
+                 max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` once, in file order, in fixed-shape batches; the last batch
+    is topped up with zero-weight copies so shapes never change (and jit never recompiles)."""
+    ds = _sharded(config, split).map(PadExample(config)).batch(batch_size, drop_remainder=False)
+    for i, batch in enumerate(ds):
+        if max_batches is not None and i >= max_batches:
+            return
+        n = batch["label"].shape[0]
+        if n < batch_size:
+            fill = batch_size - n
+            batch = {k: np.concatenate([v, np.repeat(v[:1], fill, axis=0)]) for k, v in
+                     batch.items()}
+            batch["weight"][n:] = 0.0
+        yield batch

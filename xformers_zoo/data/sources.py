@@ -1,0 +1,65 @@
+"""Data sources: how each task's examples are produced, registered by task name.
+
+A source yields ``(key, example)`` pairs per split; an example is
+``{"inputs": int array [length], "label": int}`` plus ``"inputs2"`` for two-sequence tasks.
+``build_name`` says which settings change the content, so that each distinct data set is built
+once under its own name and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.registry import Registry
+from xformers_zoo.tasks import TASKS
+
+Example = dict[str, Any]
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """How one task's data set is made.
+
+    Attributes:
+      task: the task name this source serves.
+      examples: ``(split, config) -> iterator of (key, example)``; keys are unique per split.
+      build_name: ``config -> str`` naming the built data set (source, sizes, seed, length...).
+      version: bumped whenever the content for the same build name changes.
+      description: one line for listings.
+    """
+
+    task: str
+    examples: Callable[[str, DataConfig], Iterator[tuple[str, Example]]]
+    build_name: Callable[[DataConfig], str]
+    version: str = "1.0.0"
+    description: str = ""
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """The smallest unsigned dtype holding every token id of the task."""
+        vocab = TASKS.get(self.task).vocab_size
+        return np.dtype(np.uint8 if vocab <= 256 else np.uint16)
+
+
+SOURCES: Registry[DataSource] = Registry("data source")
+
+
+def split_sizes(config: DataConfig, defaults: tuple[int, int, int]) -> dict[str, int]:
+    """Train / validation / test sizes from the config, falling back to ``defaults``."""
+    sizes = (config.train_size, config.val_size, config.test_size)
+    out = {s: (d if n is None else n) for s, n, d in zip(SPLITS, sizes, defaults, strict=True)}
+    for split, n in out.items():
+        if n <= 0:
+            raise ValueError(f"{split} size must be positive, got {n}")
+    return out
+
+
+def effective_length(config: DataConfig) -> int:
+    """Tokens per sequence: ``data.max_length`` if set, else the task's LRA length."""
+    return config.max_length or TASKS.get(config.task).max_length
