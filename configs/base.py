@@ -86,13 +86,15 @@ class TrainConfig:
 class DataConfig:
     """Where a task's data comes from and how much of it to generate.
 
-    ``source`` is "generated" for tasks the project generates (ListOps, Pathfinder) or "official"
-    to read released files from ``manual_dir``. Sizes of None mean the task's standard sizes.
+    ``source`` is "generated" for tasks the project generates (ListOps, Pathfinder), "official"
+    to read released files from ``manual_dir``, or "tfds" for a TFDS data set already prepared
+    (Text: ``imdb_reviews``). Sizes of None mean the task's standard sizes. ``level`` is the
+    Pathfinder difficulty: contour length 6, 9 or 14 (LRA uses 14).
     """
 
     task: str = "listops"
     data_dir: str = "data"
-    source: Literal["generated", "official"] = "generated"
+    source: Literal["generated", "official", "tfds"] = "generated"
     manual_dir: str | None = None
     train_size: int | None = None
     val_size: int | None = None
@@ -100,6 +102,7 @@ class DataConfig:
     max_length: int | None = None
     generation_seed: int = 0
     workers: int = 0
+    level: Literal["baseline", "contour9", "contour14"] = "contour14"
 
 
 @dataclasses.dataclass(frozen=True)

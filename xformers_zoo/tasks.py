@@ -44,3 +44,26 @@ TASKS: Registry[TaskSpec] = Registry("task")
 TASKS.register("listops", TaskSpec(
     name="listops", max_length=2000, vocab_size=16, num_classes=10, pooling="cls",
     description="nested MIN/MAX/MED/SM expressions, 10-way (Nangia & Bowman 2018)"))
+TASKS.register("text", TaskSpec(
+    name="text", max_length=1000, vocab_size=257, num_classes=2, pooling="cls",
+    description="byte-level IMDb sentiment (id = byte + 1, 0 = pad; Maas et al. 2011)"))
+TASKS.register("retrieval", TaskSpec(
+    name="retrieval", max_length=4000, vocab_size=257, num_classes=2, pooling="cls",
+    two_inputs=True,
+    description="byte-level AAN citation matching of two papers, dual encoder (Radev et al. 2013)"))
+TASKS.register("image", TaskSpec(
+    name="image", max_length=1024, vocab_size=256, num_classes=10, pooling="cls",
+    positional="learned", image_shape=(32, 32), has_padding=False,
+    description="greyscale CIFAR-10, pixel values as tokens (Krizhevsky 2009)"))
+
+# Pathfinder (Linsley et al. 2018): pixel values as tokens, mean pooling; the public LRA configs
+# use sinusoidal positions at 32 px and learned ones for Path-X.
+for _name, _side, _positional, _what in (
+        ("pathfinder32", 32, "sinusoidal", "Pathfinder 32x32"),
+        ("pathfinder64", 64, "sinusoidal", "Pathfinder 64x64"),
+        ("pathx", 128, "learned", "Path-X, Pathfinder 128x128"),
+        ("path256", 256, "learned", "Path-256, Pathfinder 256x256")):
+    TASKS.register(_name, TaskSpec(
+        name=_name, max_length=_side * _side, vocab_size=256, num_classes=2, pooling="mean",
+        positional=_positional, image_shape=(_side, _side), has_padding=False,
+        description=f"{_what}: are the two marked dots on one dashed contour?"))
