@@ -1,6 +1,9 @@
 """Attention variants (one module each, registered by import) and the shared classifier."""
 
 from xformers_zoo.models import full  # noqa: F401  (registers "full")
+from xformers_zoo.models import reformer  # noqa: F401  (registers "reformer")
+from xformers_zoo.models import sinkhorn  # noqa: F401  (registers "sinkhorn")
+from xformers_zoo.models import synthesizer  # noqa: F401  (registers "synthesizer-*")
 from xformers_zoo.models.classifier import Classifier
 
 __all__ = ["Classifier"]

@@ -1,0 +1,66 @@
+"""Softmax attention from precomputed logits, shared by the variants whose logits do not come
+from one dense ``q k^T`` (Reformer's hashed chunks, Synthesizer's synthesized logits,
+Sinkhorn's sorted blocks)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+# A large finite negative rather than -inf, so that a row with no visible key stays finite
+# (its output is zeroed) instead of turning into NaN through inf - inf.
+MASKED = -1e30
+
+
+def pad_to_multiple(x: Array, multiple: int, *, axis: int, value=0) -> Array:
+    """``x`` padded with ``value`` along ``axis`` up to the next multiple of ``multiple``."""
+    extra = -x.shape[axis] % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def attend(
+    logits: Float[Array, "*batch q k"],
+    values: Float[Array, "*batch k d"],
+    visible: Bool[Array, "*batch q k"],
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[Float[Array, "*batch q d"], Float[Array, "*batch q"]]:
+    """Masked softmax attention over the last axis of ``logits`` (any leading batch axes).
+
+    Args:
+      logits: attention scores; computed in float32 here whatever their dtype.
+      values: one value vector per key.
+      visible: which keys each query may see (broadcast against ``logits``).
+      dropout_rate: dropout on the normalised weights (needs ``dropout_rng`` when > 0).
+
+    Returns:
+      The attention output (float32; zeros for a query that sees no key) and the log of its
+      softmax normaliser, which callers combine across several partial attentions.
+    """
+    logits = jnp.where(visible, logits.astype(jnp.float32), MASKED)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    weights = jnp.exp(logits - lse[..., None])
+    weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("attention dropout needs a key: pass rngs with a 'dropout' stream")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)
+    return out, lse
+
+
+def dropout_key(rngs, rate: float, deterministic: bool) -> jax.Array | None:
+    """A dropout key from ``rngs`` when dropout is active, else None."""
+    if deterministic or rate == 0.0:
+        return None
+    if rngs is None:
+        raise ValueError("deterministic=False with dropout needs rngs with a 'dropout' stream")
+    return rngs.dropout()
