@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.data import manual
 from xformers_zoo.data.sources import SOURCES, DataSource, effective_length, split_sizes
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -180,15 +181,14 @@ OFFICIAL_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv",
 
 
 def official_file(manual_dir: str | None, split: str) -> Path:
-    """The official TSV of ``split`` under ``manual_dir`` (or its ``listops-1000/`` folder)."""
+    """The official TSV of ``split`` under ``manual_dir``, its ``listops-1000/`` folder or the
+    release's."""
     if manual_dir is None:
         raise ValueError("data.source=official needs data.manual_dir, the folder holding "
                          "listops-1000/basic_{train,val,test}.tsv")
     name = OFFICIAL_FILES[split]
-    for candidate in (Path(manual_dir) / "listops-1000" / name, Path(manual_dir) / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"missing {name}: expected {Path(manual_dir) / 'listops-1000' / name}")
+    # Also inside the release layouts (lra_release/lra_release/listops-1000/...).
+    return manual.find(Path(manual_dir), [f"listops-1000/{name}", name], release=True)
 
 
 @functools.lru_cache(maxsize=2)

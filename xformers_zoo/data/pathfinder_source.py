@@ -1,0 +1,89 @@
+"""Pathfinder data sets for the four LRA resolutions: generated in parallel by the project's
+generator (``pathfinder.py``), or read from the official release (``lra_release.py``).
+
+Generation cuts each split into chunks of consecutive image indices and reads them back in
+order; every image has its own random stream, so the result is the same for any number of
+worker processes and growing one split leaves the others as they are.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.data import lra_release, manual
+from xformers_zoo.data.pathfinder import RESOLUTIONS, PathfinderParams, draw_images
+from xformers_zoo.data.sources import SOURCES, DataSource, split_sizes
+
+SIZES = {"pathfinder32": 32, "pathfinder64": 64, "pathx": 128, "path256": 256}
+LRA_SIZES = (160_000, 20_000, 20_000)
+GENERATOR_VERSION = "1.0.0"
+
+
+def chunk_size(size: int) -> int:
+    """Images per job: about a second of work, so that every core stays busy to the end."""
+    return {32: 64, 64: 32, 128: 32, 256: 8}.get(size, 16)
+
+
+def generate(params: PathfinderParams, count: int, *, seed: int, split: str, start: int = 0,
+             workers: int = 0, pool=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Images ``start .. start + count - 1`` of ``split`` in chunks: uint8 ``[n, size, size]``
+    and labels ``[n]``, in index order. ``workers`` processes (0 = every core; 1 = this one),
+    or an existing ``multiprocessing`` pool."""
+    step = chunk_size(params.size)
+    jobs = [(params, seed, split, i, min(step, start + count - i))
+            for i in range(start, start + count, step)]
+    workers = workers or os.cpu_count() or 1
+    own = None
+    if pool is None and workers > 1 and len(jobs) > 1:
+        # spawn: the parent may hold JAX's threads, which fork would copy in a broken state.
+        own = pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+    try:
+        yield from (pool.imap(draw_images, jobs) if pool is not None else map(draw_images, jobs))
+    finally:
+        if own is not None:
+            own.terminate()
+
+
+def params_for(config: DataConfig) -> PathfinderParams:
+    """The drawing settings of the config's task and level."""
+    return RESOLUTIONS[SIZES[config.task]].with_level(config.level)
+
+
+def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
+    """Flattened images and labels of ``split``: generated, or read from the release."""
+    size = SIZES[config.task]
+    if config.source == "official":
+        for i, (pixels, label) in enumerate(lra_release.pathfinder_images(config, split, size)):
+            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": label}
+        return
+    if config.source != "generated":
+        raise ValueError(f"{config.task} is generated (data.source=generated) or read from the "
+                         "LRA release (data.source=official)")
+    count = split_sizes(config, LRA_SIZES)[split]
+    i = 0
+    for images, labels in generate(params_for(config), count, seed=config.generation_seed,
+                                   split=split, workers=config.workers):
+        for pixels, label in zip(images, labels, strict=True):
+            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": int(label)}
+            i += 1
+
+
+def build_name(config: DataConfig) -> str:
+    """Names the content: level, then the generator's seed and sizes, or the release."""
+    if config.source == "official":
+        return f"official_{config.level}_{manual.limits_name(config)}"
+    sizes = split_sizes(config, LRA_SIZES)
+    return (f"generated_{config.level}_seed{config.generation_seed}_"
+            f"{sizes['train']}_{sizes['validation']}_{sizes['test']}")
+
+
+for _task, _size in SIZES.items():
+    SOURCES.register(_task, DataSource(
+        task=_task, examples=examples, build_name=build_name, version=GENERATOR_VERSION,
+        description=f"Pathfinder {_size}x{_size} (generated, or the LRA release's "
+                    f"pathfinder{_size}/)"))
