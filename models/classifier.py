@@ -50,7 +50,7 @@ class Classifier(nnx.Module):
             qkv_dim=config.qkv_dim, mlp_dim=config.mlp_dim, num_heads=config.num_heads,
             max_length=encoder_length, dropout=config.dropout,
             attention_dropout=config.attention_dropout, dtype=dtype, remat=config.remat,
-            rngs=rngs)
+            rngs=rngs, reversible=config.reversible, ff_chunks=config.ff_chunks)
         self.dropout = nnx.Dropout(config.dropout)
         head_in = config.emb_dim * (4 if task.two_inputs else 1)
         self.head = ClassifierHead(head_in, config.mlp_dim, task.num_classes, dtype=dtype,
@@ -66,7 +66,7 @@ class Classifier(nnx.Module):
         if self.positions is not None:
             x = self.positions(x)
         if self.cls is not None:
-            cls = jnp.broadcast_to(self.cls.value.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+            cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
             x = jnp.concatenate([cls, x], axis=1)
             mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)

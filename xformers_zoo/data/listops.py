@@ -33,12 +33,12 @@ LRA_SIZES = (96_000, 2_000, 2_000)
 Tree = int | tuple[str, list["Tree"]]
 
 
-class _TooLong(Exception):
+class _TooLongError(Exception):
     pass
 
 
 def sample_tree(rng: random.Random, max_length: int) -> tuple[Tree, int]:
-    """Draws one tree; raises _TooLong as soon as it reaches ``max_length`` tokens (so that
+    """Draws one tree; raises _TooLongError as soon as it reaches ``max_length`` tokens (so that
     rejected trees cost little)."""
     used = [0]
 
@@ -50,7 +50,7 @@ def sample_tree(rng: random.Random, max_length: int) -> tuple[Tree, int]:
             return (op, children)
         used[0] += 1
         if used[0] >= max_length:
-            raise _TooLong
+            raise _TooLongError
         return rng.randrange(10)
 
     tree = grow(1)
@@ -115,7 +115,7 @@ def _chunk(args: tuple[int, int, int, int]) -> list[tuple[bytes, int]]:
     while len(out) < count:
         try:
             tree, length = sample_tree(rng, max_length)
-        except _TooLong:
+        except _TooLongError:
             continue
         if length > min_length:
             ids = bytes(TOKEN_IDS[t] for t in tree_tokens(tree))

@@ -30,7 +30,7 @@ class SinusoidalPositions(nnx.Module):
 
     def __call__(self, x: Float[Array, "b l e"]) -> Float[Array, "b l e"]:
         _check_length(x.shape[1], self.max_length)
-        return x + self.table.value[None, : x.shape[1]].astype(x.dtype)
+        return x + self.table[...][None, : x.shape[1]].astype(x.dtype)
 
 
 class LearnedPositions(nnx.Module):
@@ -42,7 +42,7 @@ class LearnedPositions(nnx.Module):
 
     def __call__(self, x: Float[Array, "b l e"]) -> Float[Array, "b l e"]:
         _check_length(x.shape[1], self.max_length)
-        return x + self.table.value[None, : x.shape[1]].astype(x.dtype)
+        return x + self.table[...][None, : x.shape[1]].astype(x.dtype)
 
 
 class LearnedPositions2D(nnx.Module):
@@ -61,14 +61,14 @@ class LearnedPositions2D(nnx.Module):
         if height % self.height or width % self.width:
             raise ValueError(f"can only upsample {self.height}x{self.width} positions by whole "
                              f"factors, asked for {height}x{width}")
-        table = jnp.repeat(self.table.value, height // self.height, axis=0)
+        table = jnp.repeat(self.table[...], height // self.height, axis=0)
         return jnp.repeat(table, width // self.width, axis=1)
 
     def __call__(self, x: Float[Array, "b l e"]) -> Float[Array, "b l e"]:
         if x.shape[1] != self.height * self.width:
             raise ValueError(f"2-D positions expect {self.height}x{self.width}="
                              f"{self.height * self.width} tokens, got {x.shape[1]}")
-        return x + self.table.value.reshape(-1, x.shape[-1])[None].astype(x.dtype)
+        return x + self.table[...].reshape(-1, x.shape[-1])[None].astype(x.dtype)
 
 
 def _check_length(length: int, max_length: int) -> None:

@@ -1,0 +1,245 @@
+"""The trainer: one loop for every task and variant.
+
+``run(config, workdir)`` trains with periodic validation, writes checkpoints (latest and best),
+resumes from ``workdir`` when it holds a run of the same config, stops on a non-finite loss with
+the last good checkpoint intact, and scores the test split on the best-validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+from xformers_zoo.configs import ExperimentConfig, load_config
+from xformers_zoo.train.checkpoint import RunCheckpoints
+from xformers_zoo.train.metrics import MetricsLog
+from xformers_zoo.train.optim import make_optimizer, make_schedule
+from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
+from xformers_zoo.train.steps import compile_steps, init_state
+
+from xformers_zoo import config as cfglib
+from xformers_zoo import data
+from xformers_zoo.api import build_model, count_params
+from xformers_zoo.data.sources import effective_length
+
+log = logging.getLogger("xformers_zoo.train")
+
+# Fields a rerun may change without making the saved run a different experiment.
+RESUMABLE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                    "train.checkpoint_every", "data.data_dir", "data.workers", "data.manual_dir"}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient became NaN or Inf; the last good checkpoint is kept."""
+
+
+class RunDirectoryMismatchError(ValueError):
+    """The run directory holds a run of a different config."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
+    """Saves the config in a new run directory, or checks it against the saved one."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    given = cfglib.to_dict(config)
+    if not path.exists():
+        path.write_text(json.dumps(given, indent=2) + "\n")
+        return
+    saved = _flatten(json.loads(path.read_text()))
+    new = _flatten(json.loads(json.dumps(given)))
+    diff = [f"{k}: saved {saved.get(k)!r}, given {new.get(k)!r}"
+            for k in sorted(set(saved) | set(new))
+            if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k)]
+    if diff:
+        raise RunDirectoryMismatchError(
+            f"{workdir} holds a run of a different config ({'; '.join(diff)}); use a new "
+            f"--workdir, or only change {', '.join(sorted(RESUMABLE_FIELDS))} to resume")
+
+
+def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Loss and accuracy of ``state`` over ``split`` (every example once unless limited)."""
+    batch_size = local_batch_size(config.train.batch_size, mesh)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    pending = []
+    for batch in data.eval_batches(config.data, split, batch_size, max_batches):
+        pending.append(eval_step(state, shard_batch(batch, mesh)))
+    for sums in jax.device_get(pending):
+        for k in totals:
+            totals[k] += float(sums[k])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+            "examples": int(totals["count"])}
+
+
+def majority_rate(config: ExperimentConfig, split: str = "test") -> float:
+    """Share of the most frequent label in ``split`` (the accuracy of always guessing it)."""
+    labels = data.labels(config.data, split)
+    return float(np.bincount(labels).max() / max(len(labels), 1))
+
+
+def _peak_memory() -> int | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+class _Setup:
+    """Model, optimizer, compiled steps and placed state of one run."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.mesh = data_mesh()
+        self.local_batch = local_batch_size(config.train.batch_size, self.mesh)
+        model = build_model(config.model, config.data.task,
+                            max_length=effective_length(config.data), seed=config.train.seed)
+        self.num_params = count_params(model)
+        tx = make_optimizer(config.train)
+        self.schedule = make_schedule(config.train)
+        self.graphdef, state = init_state(model, tx, config.train.seed)
+        self.state = replicate(state, self.mesh)
+        self.train_step, self.eval_step = compile_steps(self.graphdef, tx, self.schedule,
+                                                        config.train.grad_accum)
+
+
+def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint of the same config)
+    and returns the final metrics, also written to ``workdir/final.json``."""
+    workdir = Path(workdir)
+    check_run_dir(config, workdir)
+    tc = config.train
+    data.prepare(config.data)
+    setup = _Setup(config)
+    state = setup.state
+    iterator = iter(data.train_dataset(config.data, setup.local_batch, seed=tc.seed))
+    checkpoints = RunCheckpoints(workdir)
+    best = {"accuracy": -1.0, "step": None}
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+        state, data_state, meta = restored
+        iterator.set_state(data_state)
+        best = meta["best"]
+        log.info("resumed %s at step %d", workdir, int(state.step))
+    metrics_log = MetricsLog(workdir / "metrics.jsonl",
+                             resume_step=int(state.step) if restored else None)
+    step = int(state.step)
+    pending: list[dict[str, jax.Array]] = []
+    window_start, rates = time.perf_counter(), []
+    last_good = checkpoints.latest_step()
+
+    def flush(step: int) -> None:
+        """Checks and logs the metrics of the steps since the last flush."""
+        nonlocal window_start
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        n = len(fetched)
+        pending.clear()
+        bad = [m for m in fetched if not m["finite"]]
+        if bad:
+            raise TrainingDivergedError(
+                f"loss became {float(bad[0]['loss'])} (grad norm {float(bad[0]['grad_norm'])}) "
+                f"by step {step}; stopped. The last good checkpoint is step {last_good} in "
+                f"{workdir / 'checkpoints'}. Lower train.lr or set train.grad_clip.")
+        elapsed = time.perf_counter() - window_start
+        window_start = time.perf_counter()
+        if step > n:  # the first window holds compilation
+            rates.append(n / elapsed)
+        count = sum(float(m["count"]) for m in fetched)
+        record = {"loss": sum(float(m["loss_sum"]) for m in fetched) / count,
+                  "accuracy": sum(float(m["correct"]) for m in fetched) / count,
+                  "lr": float(fetched[-1]["lr"]), "grad_norm": float(fetched[-1]["grad_norm"]),
+                  "steps_per_sec": n / elapsed}
+        metrics_log.write("train", step, **record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=config.data.task,
+               dynamic_ncols=True)
+    try:
+        while step < tc.steps:
+            state, metrics = setup.train_step(state, shard_batch(next(iterator), setup.mesh))
+            pending.append(metrics)
+            step += 1
+            bar.update(1)
+            is_eval = step % tc.eval_every == 0 or step == tc.steps
+            is_save = is_eval or step % tc.checkpoint_every == 0
+            if step % tc.log_every == 0 or is_save:
+                flush(step)
+            if is_eval:
+                val = evaluate(setup.eval_step, state, config, "validation", setup.mesh,
+                               tc.eval_batches)
+                metrics_log.write("validation", step, **val)
+                improved = val["accuracy"] > best["accuracy"]
+                if improved:
+                    best = {"accuracy": val["accuracy"], "step": step}
+                window_start = time.perf_counter()
+            if is_save:
+                checkpoints.save(state, iterator.get_state(), {"best": best},
+                                 best=is_eval and improved)
+                last_good = step
+                window_start = time.perf_counter()
+        bar.close()
+        result = _finish(setup, checkpoints, state, config, metrics_log, best, rates)
+    finally:
+        bar.close()
+        metrics_log.close()
+        checkpoints.close()
+    (workdir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: ExperimentConfig,
+            metrics_log: MetricsLog, best: dict, rates: list[float]) -> dict[str, Any]:
+    restored = checkpoints.restore_best(state)
+    scored = restored[0] if restored is not None else state
+    test = evaluate(setup.eval_step, scored, config, "test", setup.mesh)
+    metrics_log.write("test", int(state.step), **test, checkpoint_step=int(scored.step))
+    return {
+        "task": config.data.task, "variant": config.model.variant, "steps": int(state.step),
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "test_examples": test["examples"], "majority_rate": majority_rate(config),
+        "best_step": best["step"], "best_val_accuracy": best["accuracy"],
+        "steps_per_sec": float(np.median(rates)) if rates else None,
+        "peak_memory_bytes": _peak_memory(), "params": setup.num_params,
+        "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+    }
+
+
+def evaluate_run(workdir: str | Path, split: str = "test", checkpoint: str = "best",
+                 data_dir: str | None = None) -> dict[str, float]:
+    """Scores a run directory's ``best`` or ``latest`` checkpoint on ``split``."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    config = load_config(json.loads((workdir / "config.json").read_text()))
+    if data_dir is not None:
+        config = cfglib.replace(config, {"data.data_dir": data_dir})
+    setup = _Setup(config)
+    checkpoints = RunCheckpoints(workdir)
+    try:
+        if checkpoint not in ("best", "latest"):
+            raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
+        restore = checkpoints.restore_best if checkpoint == "best" else checkpoints.restore_latest
+        restored = restore(setup.state)
+        if restored is None:
+            raise FileNotFoundError(f"{workdir} has no {checkpoint} checkpoint yet")
+        result = evaluate(setup.eval_step, restored[0], config, split, setup.mesh)
+        return {**result, "step": int(restored[0].step), "split": split}
+    finally:
+        checkpoints.close()

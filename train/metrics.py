@@ -1,0 +1,52 @@
+"""Per-run metrics as JSON lines (one record per log, eval or test event)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.item() if np.ndim(value) == 0 else value.tolist()
+    return value
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``; on resume, records after the restored step are
+    dropped so that the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str | Path, resume_step: int | None):
+        self.path = Path(path)
+        if self.path.exists():
+            keep = []
+            if resume_step is not None:
+                for line in self.path.read_text().splitlines():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a crash
+                    if record.get("step", 0) <= resume_step:
+                        keep.append(line)
+            self.path.write_text("".join(f"{line}\n" for line in keep))
+        self._file = self.path.open("a")
+
+    def write(self, split: str, step: int, **values: Any) -> None:
+        """Appends one record and flushes it."""
+        record = {"split": split, "step": int(step), "time": time.time()}
+        record.update({k: _plain(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Closes the file."""
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,176 @@
+"""The ``xformers-zoo`` command: models | data | train | eval | bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from xformers_zoo.config import ConfigError, parse_assignments
+from xformers_zoo.registry import UnknownNameError
+
+# Subcommands whose implementation lives in its own module with a ``main(argv) -> int``.
+DELEGATED = {
+    ("bench", "kernels"): "xformers_zoo.train.bench_kernels",
+    ("bench", "data"): "xformers_zoo.train.bench_data",
+    ("data", "show"): "xformers_zoo.data.show",
+}
+
+
+def _quiet_libraries() -> None:
+    """TFDS and absl log every build step at WARNING; keep the terminal for our own output."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+
+
+def cmd_models(args) -> int:
+    """Lists variants with capabilities and parameter counts per task."""
+    import xformers_zoo as xz
+    from xformers_zoo.tasks import TASKS
+
+    tasks = [args.task] if args.task else TASKS.names()
+    for task in tasks:
+        TASKS.get(task)
+    base = {t: xz.param_count("full", t) for t in tasks}
+    print(f"{'variant':<26}" + "".join(f"{t:>14}" for t in tasks) + "  capabilities / paper")
+    for name in xz.list_models():
+        spec = xz.VARIANTS.get(name)
+        cells = []
+        for t in tasks:
+            try:
+                n = xz.param_count(name, t)
+                flag = "!" if n > 1.1 * base[t] else " "
+                cells.append(f"{n / 1e6:>12.3f}M{flag}")
+            except (ConfigError, ValueError) as e:
+                cells.append(f"{'n/a':>13} ")
+                logging.debug("%s on %s: %s", name, t, e)
+        caps = [k for k, v in vars(spec.capabilities).items() if v is True]
+        print(f"{name:<26}" + "".join(cells) + f"  {','.join(caps)} | {spec.paper}")
+    print("\n'!' marks more than 10% above the full-attention Transformer's parameters "
+          "(LRA keeps comparisons within +10%); n/a: the variant cannot serve that task's config.")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    """Builds a task's data set (reused if already built)."""
+    from xformers_zoo import data
+    from xformers_zoo.configs import resolve_config
+
+    overrides = parse_assignments(args.overrides)
+    cfg = resolve_config(args.task, presets=args.preset, overrides=overrides)
+    builder = data.prepare(cfg.data)
+    sizes = {split: len(data.data_source(cfg.data, split))
+             for split in ("train", "validation", "test")}
+    print(f"{args.task}: {builder.data_dir} {json.dumps(sizes)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Trains one variant on one task and prints test accuracy beside the majority class."""
+    from xformers_zoo import config as cfglib
+    from xformers_zoo.configs import resolve_config
+    from xformers_zoo.train import run
+
+    cfg = resolve_config(args.task, args.model, presets=args.preset,
+                         overrides=parse_assignments(args.overrides))
+    workdir = args.workdir or f"runs/{args.task}-{cfg.model.variant}" + "".join(
+        f"-{p}" for p in args.preset)
+    print(f"config ({workdir}/config.json):\n{cfglib.dumps(cfg)}", flush=True)
+    result = run(cfg, workdir, progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    print(f"test accuracy {100 * result['test_accuracy']:.2f}% on {result['test_examples']} "
+          f"examples (majority class {100 * result['majority_rate']:.2f}%), best validation "
+          f"{100 * result['best_val_accuracy']:.2f}% at step {result['best_step']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Scores a run's checkpoint on a split."""
+    from xformers_zoo.train import evaluate_run
+
+    result = evaluate_run(args.workdir, split=args.split, checkpoint=args.checkpoint,
+                          data_dir=args.data_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="xformers-zoo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list attention variants and parameter counts")
+    p.add_argument("--task", help="only this task (default: every registered task)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="prepare or show a task's data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="build a task's data set (reused once built)")
+    prep.add_argument("task")
+    prep.add_argument("--preset", action="append", default=[], help="e.g. tiny")
+    prep.add_argument("overrides", nargs="*", help="data.train_size=1000 data.data_dir=...")
+    prep.set_defaults(func=cmd_data_prepare)
+    data_sub.add_parser("show", help="write a PNG grid of samples (see --help)", add_help=False)
+
+    p = sub.add_parser("train", help="train a variant on a task")
+    p.add_argument("--task", default="listops")
+    p.add_argument("--model", default="full", help="attention variant (xformers-zoo models)")
+    p.add_argument("--preset", action="append", default=[], help="tiny, lra (repeatable)")
+    p.add_argument("--workdir", help="run directory (default runs/<task>-<model>[-preset])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.lr=0.01")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a run's checkpoint on a split")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--data-dir", help="where the data lives, if it moved")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: kernels | data")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    for name in ("kernels", "data"):
+        bench_sub.add_parser(name, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xformers-zoo`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = [a for a in argv if not a.startswith("-")]
+    if len(words) >= 2 and (words[0], words[1]) in DELEGATED:
+        module = importlib.import_module(DELEGATED[(words[0], words[1])])
+        rest = argv[argv.index(words[1]) + 1:]
+        _quiet_libraries()
+        return module.main(rest)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    from xformers_zoo.train.loop import TrainingDivergedError
+
+    try:
+        return args.func(args)
+    except (ValueError, UnknownNameError, FileNotFoundError, TrainingDivergedError) as e:
+        # Bad input and divergence get one clear line; --verbose shows the traceback.
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
