@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The public-config ListOps run on one GPU: generate 96K/2K/2K examples, train the Transformer
+# (4 layers, width 512, 8 heads, batch 32, 5K steps), score test on the best checkpoint.
+# Usage (repository root, GPU machine): bash scripts/gpu_listops_full.sh OUTDIR [overrides...]
+set -euo pipefail
+out=${1:?output folder}; shift
+source scripts/gpu_setup.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -m pytest -q tests/test_layers.py tests/test_registry_config.py 2>&1 | tail -3 \
+  | tee "$out/gpu_tests.txt"
+start=$(date +%s)
+python3 -m xformers_zoo data prepare listops data.data_dir=/tmp/data data.workers=16 2>&1 | tee "$out/prepare.txt"
+echo "prepare_seconds $(( $(date +%s) - start ))" | tee -a "$out/prepare.txt"
+python3 -m xformers_zoo train --task listops --model full --workdir /tmp/runs/listops-full --no-progress \
+  data.data_dir=/tmp/data "$@" 2>&1 | tee "$out/train.txt"
+cp /tmp/runs/listops-full/final.json "$out/final.json"
+cp /tmp/runs/listops-full/metrics.jsonl "$out/metrics.jsonl"
+cp /tmp/runs/listops-full/config.json "$out/config.json"
