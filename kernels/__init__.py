@@ -11,12 +11,17 @@ from xformers_zoo.kernels.dispatch import (
     choose_implementation,
     dot_product_attention,
 )
+from xformers_zoo.kernels.pallas_attention import pallas_attention as pallas_flash_attention
+from xformers_zoo.kernels.pallas_attention import pallas_rejects
 from xformers_zoo.kernels.xla import xla_attention
 
 IMPLEMENTATIONS.register(
     "xla", KernelImpl("xla", xla_attention, lambda call: None, "dense XLA reference"))
 IMPLEMENTATIONS.register(
     "cudnn", KernelImpl("cudnn", cudnn_attention, cudnn_rejects, "cuDNN fused attention"))
+IMPLEMENTATIONS.register(
+    "pallas", KernelImpl("pallas", pallas_flash_attention, pallas_rejects,
+                         "FlashAttention-2 Pallas kernels, dense and block-sparse"))
 
 __all__ = [
     "IMPLEMENTATIONS",

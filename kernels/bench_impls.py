@@ -1,0 +1,76 @@
+"""The attention implementations ``xformers-zoo bench kernels`` compares, each behind one
+factory ``(b, n, h, d, block_mask=None, tiles=None) -> (attend(q, k, v) | None, skip reason)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from xformers_zoo.kernels.cudnn import cudnn_attention
+from xformers_zoo.kernels.pallas_attention import FlashTiles, PassTiles, pallas_attention
+from xformers_zoo.kernels.xla import xla_attention
+
+# The dense reference materialises float32 logits and probabilities (and their gradients).
+XLA_BYTES_LIMIT = 40e9
+
+
+def make_inputs(b: int, n: int, h: int, d: int, *, seed: int):
+    """Fresh random bf16 q, k, v and output cotangent, [b, n, h, d]."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return tuple(jax.random.normal(key, (b, n, h, d), jnp.bfloat16) for key in keys)
+
+
+def parse_tiles(text: str) -> FlashTiles:
+    """``"q,k,warps,stages/.../..."`` (forward / key-value grads / query grads) to FlashTiles."""
+    passes = [PassTiles(*map(int, part.split(","))) for part in text.split("/")]
+    if len(passes) != 3:
+        raise ValueError(f"tiles must read 'q,k,warps,stages' three times, '/'-separated; "
+                         f"got {text!r}")
+    return FlashTiles(*passes)
+
+
+def pallas(*, b, n, h, d, block_mask=None, tiles=None):
+    del b, n, h
+    return (lambda q, k, v: pallas_attention(q, k, v, block_mask=block_mask, tiles=tiles,
+                                             scale=d**-0.5)), None
+
+
+def cudnn(*, b, n, h, d, **_):
+    del b, n, h
+    return (lambda q, k, v: cudnn_attention(q, k, v, scale=d**-0.5)), None
+
+
+def xla(*, b, n, h, d, **_):
+    need = 3 * b * h * n * n * 4
+    if need > XLA_BYTES_LIMIT:
+        return None, f"N x N float32 intermediates need about {need / 1e9:.0f} GB"
+    return (lambda q, k, v: xla_attention(q, k, v, scale=d**-0.5)), None
+
+
+def jax_triton(*, b, n, h, d, **_):
+    """JAX's bundled Pallas Triton FlashAttention (jax.experimental.pallas.ops.gpu.attention)."""
+    del b, n, h
+    from jax.experimental.pallas.ops.gpu import attention
+
+    return (lambda q, k, v: attention.mha(q, k, v, None, sm_scale=d**-0.5)), None
+
+
+def jax_mgpu(*, b, n, h, d, **_):
+    """JAX's bundled Pallas Mosaic GPU FlashAttention for Hopper (ops.gpu.attention_mgpu); it
+    applies no softmax scale (q is pre-scaled) and takes float16."""
+    del b, n, h
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                               block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    def attend(q, k, v):
+        # The kernel takes float16 only: the casts are part of the timed call (a few percent).
+        q, k, v = ((x * s).astype(jnp.float16) for x, s in ((q, d**-0.5), (k, 1), (v, 1)))
+        return mgpu.attention(q, k, v, config).astype(jnp.bfloat16)
+
+    return attend, None
+
+
+IMPLS: dict[str, Callable] = {"pallas": pallas, "cudnn": cudnn, "xla": xla,
+                              "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}

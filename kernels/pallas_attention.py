@@ -1,0 +1,222 @@
+"""The ``pallas`` implementation: FlashAttention-2 (Dao 2023) forward and backward Pallas kernels
+behind ``jax.custom_vjp``, dense or block-sparse (Dao et al. 2022, "FlashAttention", section 3.3).
+
+Inputs are padded to whole tiles here (padded keys get a -inf bias, padded query rows are cut
+off), so the kernels see only whole tiles. A block mask becomes, on the host, lists of the key
+tiles each query tile visits (and the transpose for the key/value gradients): empty tiles cost
+nothing in either pass, and partial tiles are masked element-wise by the key bias and causality.
+
+On a CUDA GPU the kernels lower through Pallas' Triton backend (see kernels/NOTES.md for why).
+Elsewhere they can run in Pallas interpret mode, which executes the same kernel bodies with
+ordinary XLA operations: pass ``interpret=True``, or set ``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so
+that ``dot_product_attention(..., implementation=("pallas", ...))`` accepts CPU calls (slow; for
+tests and debugging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.dispatch import AttentionCall
+from xformers_zoo.kernels.pallas_backward import flash_backward
+from xformers_zoo.kernels.pallas_common import (
+    KernelPlan,
+    TileSchedule,
+    schedule_from_visibility,
+    tile_visibility,
+)
+from xformers_zoo.kernels.pallas_forward import flash_forward
+
+INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassTiles:
+    """Tile sizes and Triton launch shape of one pass."""
+
+    block_q: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashTiles:
+    """Tiles of the forward pass and of the two backward kernels: key/value gradients (a program
+    per key tile) and query gradients (a program per query tile)."""
+
+    forward: PassTiles
+    key_value: PassTiles
+    query: PassTiles
+
+    def passes(self) -> tuple[PassTiles, PassTiles, PassTiles]:
+        """The three passes' tiles, forward first."""
+        return self.forward, self.key_value, self.query
+
+
+def default_tiles(head_dim: int, dtype) -> FlashTiles:
+    """Tiles measured best on an H100 (kernels/NOTES.md); float32 halves them to fit on chip."""
+    if jnp.dtype(dtype) == jnp.float32:
+        passes = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)]
+    elif head_dim <= 32:
+        passes = [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2)]
+    elif head_dim <= 64:
+        passes = [(128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)]
+    else:
+        passes = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)]
+    return FlashTiles(*(PassTiles(*p) for p in passes))
+
+
+def interpret_requested() -> bool:
+    """Whether the environment asks for interpret mode off-GPU."""
+    return os.environ.get(INTERPRET_ENV, "").lower() in ("1", "true", "yes")
+
+
+def pallas_rejects(call: AttentionCall) -> str | None:
+    """Why the Pallas kernels cannot serve ``call``, or None."""
+    if call.backend != "gpu" and not interpret_requested():
+        return (f"needs a CUDA GPU (backend is {call.backend}); set {INTERPRET_ENV}=1 to run the "
+                f"kernels in Pallas interpret mode")
+    if call.backend == "gpu":
+        capability = getattr(jax.devices()[0], "compute_capability", None)
+        if capability is None:
+            return "needs a CUDA GPU (the GPU backend reports no compute capability)"
+        if float(capability) < 8.0:
+            return f"needs compute capability 8.0 or newer, device has {capability}"
+    if call.dtype not in DTYPES:
+        return f"dtype must be one of {DTYPES}, got {call.dtype}"
+    if call.head_dim not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS}, got {call.head_dim}"
+    if call.dropout_rate > 0.0:
+        return "attention dropout is not implemented in the Pallas kernels"
+    if call.block_mask is not None:
+        bm = call.block_mask
+        for size in (bm.block_q, bm.block_k):
+            if size < 16 or size & (size - 1):
+                return (f"block-mask tiles must be powers of two >= 16, got "
+                        f"{bm.block_q}x{bm.block_k}")
+    return None
+
+
+def _fit_to_mask(tiles: PassTiles, block_mask: BlockMask | None) -> PassTiles:
+    """Shrinks tiles to divide the block mask's tiles (all sizes are powers of two)."""
+    if block_mask is None:
+        return tiles
+    return dataclasses.replace(tiles, block_q=min(tiles.block_q, block_mask.block_q),
+                               block_k=min(tiles.block_k, block_mask.block_k))
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(block_mask: BlockMask, plan: KernelPlan, by_key: bool) -> TileSchedule:
+    """Host tile lists for ``plan``: key tiles per query tile, or query tiles per key tile."""
+    visible = tile_visibility(block_mask, plan.block_q, plan.block_k, plan.q_tiles,
+                              plan.k_tiles, plan.causal_offset)
+    return schedule_from_visibility(visible.transpose(0, 2, 1) if by_key else visible)
+
+
+def _plan(tiles: PassTiles, q_len: int, k_len: int, schedule_width: int, **facts) -> KernelPlan:
+    return KernelPlan(block_q=tiles.block_q, block_k=tiles.block_k,
+                      q_tiles=q_len // tiles.block_q, k_tiles=k_len // tiles.block_k,
+                      max_count=schedule_width, num_warps=tiles.num_warps,
+                      num_stages=tiles.num_stages, **facts)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pallas_attention(
+    q: Float[Array, "b q h d"],
+    k: Float[Array, "b k h d"],
+    v: Float[Array, "b k h d"],
+    *,
+    key_mask: Bool[Array, "b k"] | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    interpret: bool | None = None,
+    tiles: FlashTiles | None = None,
+) -> Float[Array, "b q h d"]:
+    """FlashAttention through the Pallas kernels; differentiable in q, k and v.
+
+    Rows with no visible key return zeros. ``interpret`` None means interpret mode exactly when
+    the default backend is not a GPU; ``tiles`` overrides ``default_tiles`` (benchmarks).
+    """
+    del dropout_rng
+    if dropout_rate > 0.0:
+        raise NotImplementedError("attention dropout is not implemented in the Pallas kernels")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    batch, q_len, heads, head_dim = q.shape
+    k_len = k.shape[1]
+    tiles = tiles or default_tiles(head_dim, q.dtype)
+    passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
+    q_pad = _round_up(q_len, max(t.block_q for t in passes))
+    k_pad = _round_up(k_len, max(t.block_k for t in passes))
+
+    has_bias = key_mask is not None or k_pad != k_len
+    bias = None
+    if has_bias:
+        valid = jnp.ones((batch, k_len), bool) if key_mask is None else key_mask
+        valid = jnp.pad(valid, ((0, 0), (0, k_pad - k_len)))
+        bias = jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)  # [b, k_pad]
+
+    facts = dict(scale=float(head_dim ** -0.5 if scale is None else scale),
+                 causal_offset=(k_len - q_len) if causal else None, has_bias=has_bias,
+                 sparse=block_mask is not None,
+                 schedule_heads=1 if block_mask is None else block_mask.num_heads,
+                 exact_f32=q.dtype == jnp.float32, interpret=bool(interpret))
+    plans, schedules = [], []
+    for tile, by_key in zip(passes, (False, True, False), strict=True):
+        plan = _plan(tile, q_pad, k_pad, 1, **facts)
+        schedule = None
+        if block_mask is not None:
+            schedule = _schedule(block_mask, plan, by_key)
+            plan = dataclasses.replace(plan, max_count=schedule.max_count)
+        plans.append(plan)
+        schedules.append(schedule)
+
+    pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, 0))
+    pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, 0))
+    out = _flash(tuple(plans), tuple(schedules))(
+        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias)
+    return out[:, :q_len]
+
+
+def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...]):
+    """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
+    gradients); schedules enter as trace-time constants."""
+    fwd_plan, kv_plan, q_plan = plans
+
+    def tables(i):
+        return None if schedules[i] is None else schedules[i].flat()
+
+    def forward(q, k, v, bias):
+        return flash_forward(q, k, v, bias, tables(0), fwd_plan)
+
+    @jax.custom_vjp
+    def attend(q, k, v, bias):
+        return forward(q, k, v, bias)[0]
+
+    def attend_fwd(q, k, v, bias):
+        out, lse = forward(q, k, v, bias)
+        return out, (q, k, v, bias, out, lse)
+
+    def attend_bwd(residuals, d_out):
+        q, k, v, bias, out, lse = residuals
+        dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, (tables(1), tables(2)),
+                                    (kv_plan, q_plan))
+        return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend

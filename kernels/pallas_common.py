@@ -1,0 +1,242 @@
+"""Pieces shared by the Pallas FlashAttention kernels (Dao 2023, "FlashAttention-2: Faster
+Attention with Better Parallelism and Work Partitioning"): the static plan of one call, the tile
+schedules that make block-sparse attention skip empty tiles, and the in-kernel helpers (tile
+products, element masks).
+
+Logits are kept in base 2 (``s * scale * log2(e)``) so the kernels use ``exp2``; the log-sum-exp
+residual is stored in the same base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from xformers_zoo.kernels.block_mask import BlockMask
+
+LOG2_E = math.log2(math.e)
+# Log-sum-exp stored for a row that sees no key: large enough that exp2(s - lse) is exactly zero
+# for every finite logit, so the backward pass gives such rows no gradient.
+EMPTY_ROW_LSE = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """Static facts one kernel launch is specialised on (hashable: part of the trace key).
+
+    ``q_tiles``/``k_tiles`` count tiles of the padded lengths; ``causal_offset`` is None for
+    non-causal attention, else key ``j`` is visible from query ``i`` when ``j <= i + offset``;
+    ``has_bias`` says a [batch, k_len] additive key bias (0 or -inf) is passed; ``sparse`` says tile
+    schedules are passed, with ``schedule_heads`` (1: shared by heads) rows of ``max_count``.
+    """
+
+    block_q: int
+    block_k: int
+    q_tiles: int
+    k_tiles: int
+    scale: float
+    causal_offset: int | None
+    has_bias: bool
+    sparse: bool
+    schedule_heads: int
+    max_count: int
+    exact_f32: bool
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def masked(self) -> bool:
+        """Whether some logits may be masked element-wise (so rows may see no key at all)."""
+        return self.has_bias or self.causal_offset is not None
+
+    @property
+    def precision(self):
+        """float32 inputs ask for IEEE products (no tf32) so float32 results stay exact."""
+        return lax.Precision.HIGHEST if self.exact_f32 else None
+
+    def compiler_params(self):
+        """Triton launch parameters; interpret mode takes none."""
+        if self.interpret:
+            return None
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TileSchedule:
+    """For each (head, row tile), the column tiles to visit: ``indices [heads, rows, max_count]``
+    (unused slots repeat a valid index) and ``counts [heads, rows]``; ``order [heads, rows]``
+    lists rows by falling count, so the longest rows (e.g. global tokens) start first and the
+    short ones fill in behind them. Host data (numpy)."""
+
+    indices: np.ndarray
+    counts: np.ndarray
+    order: np.ndarray
+
+    @property
+    def max_count(self) -> int:
+        """Width of ``indices``: the most tiles any row visits (at least 1)."""
+        return self.indices.shape[-1]
+
+    def flat(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The three tables as flat int32 arrays for scalar reads inside a kernel."""
+        return tuple(jnp.asarray(t.reshape(-1)) for t in (self.indices, self.counts, self.order))
+
+
+def tile_visibility(block_mask: BlockMask, block_q: int, block_k: int, q_tiles: int,
+                    k_tiles: int, causal_offset: int | None) -> np.ndarray:
+    """The block mask refined to kernel tiles, ``[heads or 1, q_tiles, k_tiles]`` bool, with tiles
+    that causal masking empties removed. Kernel tiles must divide the mask's tiles."""
+    if block_mask.block_q % block_q or block_mask.block_k % block_k:
+        raise ValueError(f"kernel tiles {block_q}x{block_k} must divide block-mask tiles "
+                         f"{block_mask.block_q}x{block_mask.block_k}")
+    fine = np.repeat(block_mask.mask, block_mask.block_q // block_q, axis=1)
+    fine = np.repeat(fine, block_mask.block_k // block_k, axis=2)
+    fine = fine[:, :q_tiles, :k_tiles]
+    pad = ((0, 0), (0, q_tiles - fine.shape[1]), (0, k_tiles - fine.shape[2]))
+    fine = np.pad(fine, pad)  # tiles past the mask's grid hold only padding: never computed
+    if causal_offset is not None:
+        first_q = np.arange(q_tiles)[:, None] * block_q
+        last_q = first_q + block_q - 1
+        first_k = np.arange(k_tiles)[None, :] * block_k
+        fine = fine & (first_k <= last_q + causal_offset)[None]
+    return fine
+
+
+def schedule_from_visibility(visible: np.ndarray) -> TileSchedule:
+    """Rows of ``visible [heads, rows, cols]`` to lists of their True columns, ascending."""
+    heads, rows, _ = visible.shape
+    counts = visible.sum(-1).astype(np.int32)
+    width = max(1, int(counts.max(initial=0)))
+    indices = np.zeros((heads, rows, width), np.int32)
+    for h in range(heads):
+        for r in range(rows):
+            cols = np.flatnonzero(visible[h, r])
+            if cols.size:
+                indices[h, r, : cols.size] = cols
+                indices[h, r, cols.size:] = cols[-1]
+    order = np.argsort(-counts, axis=-1, kind="stable").astype(np.int32)
+    return TileSchedule(indices, counts, order)
+
+
+def grid(plan: KernelPlan, rows: int, batch: int, heads: int) -> tuple[int, int, int]:
+    """Dense launches put the row tile first (the fastest-launched axis), so the programs that
+    share one head's keys run together; sparse launches put it last and walk rows in schedule
+    order, longest first, for every head at once."""
+    return (heads, batch, rows) if plan.sparse else (rows, batch, heads)
+
+
+def index_map(plan: KernelPlan, fn):
+    """An index map written as ``fn(row_slot, batch, head)`` for the plan's grid order."""
+    if plan.sparse:
+        return lambda h, b, t: fn(t, b, h)
+    return fn
+
+
+def row_spec(plan: KernelPlan, block: int, length: int, head_dim: int | None = None):
+    """Spec of a tensor the program owns a row tile of: ``[b, n, h, d]`` (``head_dim`` given),
+    ``[b, h, n]`` statistics or a ``[b, n]`` key bias. Sparse plans pass it whole, since the row
+    is only known inside the kernel (``locate_row``)."""
+    size, tile = (length, lambda t: 0) if plan.sparse else (block, lambda t: t)
+    if head_dim is not None:
+        return pl.BlockSpec((None, size, None, head_dim),
+                            index_map(plan, lambda t, b, h: (b, tile(t), h, 0)))
+    return pl.BlockSpec((None, None, size), index_map(plan, lambda t, b, h: (b, h, tile(t))))
+
+
+def bias_row_spec(plan: KernelPlan, block: int, length: int):
+    """Spec of the ``[b, n]`` key bias when the program owns a key tile of it."""
+    size, tile = (length, lambda t: 0) if plan.sparse else (block, lambda t: t)
+    return pl.BlockSpec((None, size), index_map(plan, lambda t, b, h: (b, tile(t))))
+
+
+def whole_bias_spec(plan: KernelPlan, length: int):
+    """Spec handing a program its batch row's whole ``[n]`` key bias."""
+    return pl.BlockSpec((None, length), index_map(plan, lambda t, b, h: (b, 0)))
+
+
+def whole_spec(plan: KernelPlan, length: int, head_dim: int | None = None):
+    """Spec handing a program one (batch, head)'s whole ``[n, d]`` tensor, or its ``[n]``
+    statistics when ``head_dim`` is None."""
+    if head_dim is not None:
+        return pl.BlockSpec((None, length, None, head_dim),
+                            index_map(plan, lambda t, b, h: (b, 0, h, 0)))
+    return pl.BlockSpec((None, None, length), index_map(plan, lambda t, b, h: (b, h, 0)))
+
+
+def locate_row(plan: KernelPlan, rows: int, block: int, order_ref):
+    """This program's row tile, its row in the schedule tables (sparse) and the slice of its
+    rows in whole-length refs (sparse; None for dense, whose refs are already the tile)."""
+    if not plan.sparse:
+        return pl.program_id(0), None, None
+    base = (pl.program_id(0) if plan.schedule_heads > 1 else 0) * rows
+    tile = order_ref[base + pl.program_id(2)]
+    return tile, base + tile, pl.ds(pl.multiple_of(tile * block, block), block)
+
+
+def read_own(ref, own):
+    """The program's own row tile of ``ref``."""
+    return ref[...] if own is None else ref[own]
+
+
+def write_own(ref, own, value) -> None:
+    """Stores ``value`` into the program's own row tile of ``ref``."""
+    if own is None:
+        ref[...] = value
+    else:
+        ref[own] = value
+
+
+def whole_array_specs(arrays) -> list:
+    """Block specs that hand each array to every program whole."""
+    return [pl.BlockSpec(a.shape, lambda *_, zeros=(0,) * a.ndim: zeros) for a in arrays]
+
+
+def dot_nt(a: jax.Array, b: jax.Array, plan: KernelPlan) -> jax.Array:
+    """``a @ b.T`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=plan.precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array, plan: KernelPlan) -> jax.Array:
+    """``a.T @ b`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=plan.precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array, plan: KernelPlan) -> jax.Array:
+    """``a @ b`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=plan.precision,
+                           preferred_element_type=jnp.float32)
+
+
+def mask_logits(s: jax.Array, q_tile, k_tile, bias: jax.Array | None,
+                plan: KernelPlan) -> jax.Array:
+    """Applies the key bias (0 or -inf per key) and the causal mask to a [block_q, block_k]
+    tile of base-2 logits."""
+    if bias is not None:
+        s = s + bias[None, :]
+    if plan.causal_offset is not None:
+        q_pos = q_tile * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        k_pos = k_tile * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(k_pos <= q_pos + plan.causal_offset, s, -jnp.inf)
+    return s
+
+
+def causal_k_end(q_tile, plan: KernelPlan):
+    """One past the last key tile that query tile ``q_tile`` can see under causal masking."""
+    last_visible = (q_tile + 1) * plan.block_q - 1 + plan.causal_offset
+    return jnp.clip(lax.div(last_visible, plan.block_k) + 1, 0, plan.k_tiles)
+
+
+def causal_q_start(k_tile, plan: KernelPlan):
+    """The first query tile that can see key tile ``k_tile`` under causal masking."""
+    first_seeing = k_tile * plan.block_k - plan.causal_offset
+    return jnp.clip(lax.div(jnp.maximum(first_seeing, 0), plan.block_q), 0, plan.q_tiles)

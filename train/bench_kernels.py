@@ -1,0 +1,185 @@
+"""``xformers-zoo bench kernels``: attention implementations side by side on one card.
+
+For each sequence length N and head dim D (bf16, non-causal; batch x N = ``--tokens`` and
+heads x D = ``--width``, as in the FlashAttention-2 paper's benchmarks) it times the forward pass
+and forward + backward of ``pallas`` (kernels/pallas_*.py), ``cudnn``, ``xla`` and JAX's bundled
+Pallas attentions (Triton ``mha`` and Mosaic GPU ``attention_mgpu``), reports TFLOP/s
+(4 B H N^2 D forward, 2.5x that backward), the compiled program's device memory, and two floors:
+FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwidth. A second
+table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
+a PNG plot. Runs as ``python -m xformers_zoo.train.bench_kernels`` or as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from xformers_zoo.kernels import masks
+from xformers_zoo.kernels.bench_impls import IMPLS, make_inputs, parse_tiles
+from xformers_zoo.kernels.bench_report import write_markdown, write_plot
+
+
+def median_seconds(fn, args, repeats: int, sample_seconds: float = 0.02) -> float:
+    """Median time per call of ``fn(*args)`` after a warm-up call. Each sample launches enough
+    calls back to back to last about ``sample_seconds``, so host dispatch hides behind the
+    device work, and blocks on the last result."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(1, int(sample_seconds / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - start) / calls)
+    return float(np.median(times))
+
+
+def device_bytes(fn, args) -> int | None:
+    """Arguments + outputs + temporaries of the compiled program (what it holds at its peak)."""
+    try:
+        stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                   + stats.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - some backends give no analysis; report none
+        return None
+
+
+def ceilings(repeats: int) -> dict:
+    """Measured bf16 matrix rate (8192^3 product) and copy bandwidth (1 GiB read + written)."""
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    matmul = jax.jit(lambda a: a @ a)
+    t = median_seconds(matmul, (a,), repeats)
+    x = jax.random.normal(jax.random.key(1), (1 << 29,), jnp.bfloat16)  # 1 GiB
+    copy = jax.jit(lambda x: x * 2)
+    tc = median_seconds(copy, (x,), repeats)
+    return {"matmul_tflops": 2 * 8192**3 / t / 1e12, "copy_gbps": 2 * x.nbytes / tc / 1e9}
+
+
+def _fwd_bwd(attend):
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
+    return run
+
+
+def measure(impl: str, attend, inputs, *, flops: float, bytes_fwd: float, bytes_bwd: float,
+            ceil: dict, repeats: int) -> dict:
+    """Forward and forward+backward time, TFLOP/s, memory and floors of one implementation."""
+    row: dict = {"impl": impl}
+    q, k, v, d_out = inputs
+    for mode, fn, args, work, moved in (
+        ("fwd", jax.jit(attend), (q, k, v), flops, bytes_fwd),
+        ("fwd_bwd", jax.jit(_fwd_bwd(attend)), (q, k, v, d_out), 3.5 * flops,
+         bytes_fwd + bytes_bwd),
+    ):
+        try:
+            seconds = median_seconds(fn, args, repeats)
+        except Exception as err:  # noqa: BLE001 - a failing implementation is a result
+            row[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            continue
+        row[f"{mode}_ms"] = seconds * 1e3
+        row[f"{mode}_tflops"] = work / seconds / 1e12
+        row[f"{mode}_bytes"] = device_bytes(fn, args)
+        row[f"{mode}_floor_flops_ms"] = work / (ceil["matmul_tflops"] * 1e12) * 1e3
+        row[f"{mode}_floor_bytes_ms"] = moved / (ceil["copy_gbps"] * 1e9) * 1e3
+    return row
+
+
+def dense_rows(args, ceil) -> list[dict]:
+    rows = []
+    for n in args.seq_lens:
+        for d in args.head_dims:
+            b, h = max(1, args.tokens // n), max(1, args.width // d)
+            inputs = make_inputs(b, n, h, d, seed=n + d)
+            flops = 4.0 * b * h * n * n * d
+            elem = b * n * h * d * 2  # bytes of one bf16 [b, n, h, d] tensor
+            for impl in [*args.impls, *(f"pallas@{t}" for t in args.pallas_tiles)]:
+                name, _, tiles = impl.partition("@")
+                attend, skip = IMPLS[name](b=b, n=n, h=h, d=d,
+                                           tiles=parse_tiles(tiles) if tiles else None)
+                row = {"n": n, "d": d, "batch": b, "heads": h}
+                if skip:
+                    rows.append(row | {"impl": impl, "skipped": skip})
+                    continue
+                row |= measure(impl, attend, inputs, flops=flops, bytes_fwd=4 * elem,
+                               bytes_bwd=8 * elem, ceil=ceil, repeats=args.repeats)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def sparse_rows(args, ceil) -> list[dict]:
+    """Block-sparse pallas against density (sliding windows of growing width, 2 global tiles)."""
+    n, d, block = args.sparse_len, 64, 128
+    b, h = 1, max(1, args.width // d)
+    inputs = make_inputs(b, n, h, d, seed=5)
+    elem = b * n * h * d * 2
+    rows = []
+    for window in args.windows:
+        bm = masks.union(masks.sliding_window(n, window, block), masks.global_tokens(n, 2, block))
+        attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm)
+        flops = 4.0 * b * h * n * n * d * bm.density
+        row = {"n": n, "d": d, "batch": b, "heads": h, "window": window, "density": bm.density}
+        row |= measure("pallas-sparse", attend, inputs, flops=flops, bytes_fwd=4 * elem,
+                       bytes_bwd=8 * elem, ceil=ceil, repeats=args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="xformers-zoo bench kernels",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--pallas-tiles", nargs="*", default=[],
+                   help="extra pallas rows: 'q,k,warps,stages' for forward/kv grads/q grads")
+    p.add_argument("--tokens", type=int, default=16384, help="batch x length per shape")
+    p.add_argument("--width", type=int, default=1024, help="heads x head_dim per shape")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sparse-len", type=int, default=16384)
+    p.add_argument("--windows", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--name", default="bench_kernels", help="file stem of the outputs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark and writes ``<out>/<name>.{json,md,png}``; returns an exit status."""
+    args = parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("bench kernels needs a CUDA GPU; backend is", jax.default_backend(), file=sys.stderr)
+        return 2
+    device = jax.devices()[0]
+    ceil = ceilings(args.repeats)
+    print(json.dumps(ceil), flush=True)
+    report = {
+        "device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+        "command": " ".join(["xformers-zoo bench kernels", *(argv if argv is not None
+                                                            else sys.argv[1:])]),
+        "dtype": "bfloat16", "causal": False, "ceilings": ceil,
+        "dense": dense_rows(args, ceil),
+        "sparse": sparse_rows(args, ceil) if args.windows else [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / f"{args.name}.md")
+    write_plot(report, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
