@@ -1,5 +1,6 @@
 """Attention variants (one module each, registered by import) and the shared classifier."""
 
+from xformers_zoo.models import flash  # noqa: F401  (registers "flash")
 from xformers_zoo.models import full  # noqa: F401  (registers "full")
 from xformers_zoo.models import reformer  # noqa: F401  (registers "reformer")
 from xformers_zoo.models import sinkhorn  # noqa: F401  (registers "sinkhorn")
