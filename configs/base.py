@@ -19,6 +19,9 @@ class ModelConfig:
     """The shared encoder classifier (LRA: pre-LayerNorm blocks, GELU MLP, Dense-ReLU-Dense head).
 
     ``attention`` holds the variant's own config dataclass; None means the variant's defaults.
+    ``reversible`` runs the encoder blocks as reversible residual layers and ``ff_chunks`` > 1
+    applies each feed-forward layer over that many slices of the sequence (both from the
+    Reformer, Kitaev et al. 2020; they trade compute for activation memory).
     """
 
     variant: str = "full"
@@ -33,12 +36,14 @@ class ModelConfig:
     positional: Positional = "sinusoidal"
     dtype: DType = "bfloat16"
     remat: bool = False
+    reversible: bool = False
+    ff_chunks: int = 1
     attention: Any = None
 
     def __post_init__(self):
         if self.qkv_dim % self.num_heads:
             raise ValueError(f"qkv_dim {self.qkv_dim} must divide into num_heads {self.num_heads}")
-        for name in ("num_layers", "num_heads", "emb_dim", "qkv_dim", "mlp_dim"):
+        for name in ("num_layers", "num_heads", "emb_dim", "qkv_dim", "mlp_dim", "ff_chunks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout"):
