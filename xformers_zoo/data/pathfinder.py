@@ -128,6 +128,9 @@ class _Image:
         self.headings: list[list[float | None]] = []
         samples = max(int(math.ceil(self.length / 0.75)), 2) + 1
         self.offsets = np.linspace(0.0, self.length, samples)  # sample points along a paddle
+        # Claims reach past the clearance by half a cell diagonal and half a sample spacing, so
+        # that checking one cell per sample point never lets a centre line come closer.
+        self.claim_radius = self.radius + math.sqrt(0.5) + self.offsets[1] / 2
 
     def new_contour(self, start: np.ndarray) -> int:
         """Opens a contour whose first paddle will start at ``start``; returns its index."""
@@ -171,9 +174,9 @@ class _Image:
             raise _StuckError
         k = rng.choice(len(angles), p=weights / total)
         a, b = starts[k], starts[k] + direction[k] * self.length
-        draw.claim(self.owner, a, b, self.radius, all_bit)
+        draw.claim(self.owner, a, b, self.claim_radius, all_bit)
         if self.paddles[contour]:
-            draw.claim(self.owner, *self.paddles[contour][-1], self.radius, old_bit)
+            draw.claim(self.owner, *self.paddles[contour][-1], self.claim_radius, old_bit)
         self.paddles[contour].append((a, b))
         self.tips[contour].append(tip + direction[k] * self.step)
         self.headings[contour].append(float(angles[k]))
@@ -186,16 +189,16 @@ class _Image:
         paddles = self.paddles[contour]
         # Every cell whose bits change lies near a removed paddle or the new latest one.
         changed = paddles[-n - 1:]
-        lo = np.min([np.minimum(a, b) for a, b in changed], axis=0) - self.radius
-        hi = np.max([np.maximum(a, b) for a, b in changed], axis=0) + self.radius
+        lo = np.min([np.minimum(a, b) for a, b in changed], axis=0) - self.claim_radius
+        hi = np.max([np.maximum(a, b) for a, b in changed], axis=0) + self.claim_radius
         del paddles[-n:], self.tips[contour][-n:], self.headings[contour][-n:]
         draw.release(self.owner, lo, hi, all_bit | old_bit)
         for i, (a, b) in enumerate(paddles):  # claim again what the kept paddles hold there
-            if (np.minimum(a, b) - self.radius <= hi).all() and (
-                    np.maximum(a, b) + self.radius >= lo).all():
-                draw.claim(self.owner, a, b, self.radius, all_bit)
+            if (np.minimum(a, b) - self.claim_radius <= hi).all() and (
+                    np.maximum(a, b) + self.claim_radius >= lo).all():
+                draw.claim(self.owner, a, b, self.claim_radius, all_bit)
                 if i < len(paddles) - 1:
-                    draw.claim(self.owner, a, b, self.radius, old_bit)
+                    draw.claim(self.owner, a, b, self.claim_radius, old_bit)
 
     def grow(self, rng: np.random.Generator, contours: list[int], n: int, budget: int) -> None:
         """Grows ``contours`` to ``n`` paddles each, one paddle at a time in turn; a stuck
