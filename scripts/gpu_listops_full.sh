@@ -6,8 +6,10 @@ set -euo pipefail
 out=${1:?output folder}; shift
 source scripts/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q tests/test_layers.py tests/test_registry_config.py 2>&1 | tail -3 \
-  | tee "$out/gpu_tests.txt"
+# A failing test is recorded but does not stop the job.
+python3 -m pytest -q -rf tests/test_layers.py tests/test_registry_config.py \
+  > "$out/gpu_tests.txt" 2>&1 || true
+tail -5 "$out/gpu_tests.txt"
 start=$(date +%s)
 python3 -m xformers_zoo data prepare listops data.data_dir=/tmp/data data.workers=16 2>&1 | tee "$out/prepare.txt"
 echo "prepare_seconds $(( $(date +%s) - start ))" | tee -a "$out/prepare.txt"

@@ -1,4 +1,4 @@
-"""The ``xformers-zoo`` command: models | data | train | eval | bench."""
+"""The ``xformers-zoo`` command: models | data | train | eval | table | bench."""
 
 from __future__ import annotations
 
@@ -105,6 +105,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    """Prints a Markdown table of finished runs."""
+    from xformers_zoo.train.tables import load_results, markdown_table
+
+    print(markdown_table(load_results(args.runs)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="xformers-zoo", description=__doc__)
@@ -139,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     p.add_argument("--data-dir", help="where the data lives, if it moved")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("table", help="Markdown table of finished runs")
+    p.add_argument("runs", nargs="+", help="run directories or their final.json files")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("bench", help="benchmarks: kernels | data")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
