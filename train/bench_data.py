@@ -1,0 +1,189 @@
+"""``xformers-zoo bench data``: how fast the data layer is.
+
+1. Pathfinder generation at each resolution (32, 64, 128 = Path-X, 256 = Path-256): images per
+   second on one core (in this process) and on every core (a pool of worker processes, timed
+   after a warm-up so that process start-up is left out), and the time the full 200K-image set
+   would take at that rate (extrapolated, not measured).
+2. The grain input pipeline at each task's LRA length: examples per second of training batches
+   (shuffle, pad, mask, batch) read back from a small built data set (generated, or written in
+   the official formats for Text, Retrieval and Image).
+
+Writes JSON and Markdown to ``--out``. Runs as ``python -m xformers_zoo.train.bench_data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xformers_zoo.data.pathfinder import RESOLUTIONS, draw_images
+from xformers_zoo.data.pathfinder_source import LRA_SIZES, chunk_size, generate
+
+FULL_SET = sum(LRA_SIZES)
+# Images timed per resolution: on one core, and per worker on every core.
+SINGLE = {32: 300, 64: 150, 128: 150, 256: 60}
+PER_WORKER = {32: 256, 64: 128, 128: 128, 256: 48}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_generation(size: int, workers: int, scale: float) -> dict:
+    """Images per second at ``size`` px, on one core and on ``workers`` processes."""
+    params = RESOLUTIONS[size]
+    n_single = max(int(SINGLE[size] * scale), 4)
+    draw_images((params, 0, "train", 10**7, 2))  # warm caches
+    start = time.perf_counter()
+    draw_images((params, 0, "train", 0, n_single))
+    single = n_single / (time.perf_counter() - start)
+    row = {"size": size, "tokens": size * size, "one_core_images_per_s": single,
+           "one_core_images": n_single}
+    if workers > 1:
+        n_all = max(int(PER_WORKER[size] * scale), chunk_size(size)) * workers
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            # Warm-up: one chunk per worker, so every process has started and imported.
+            list(generate(params, chunk_size(size) * workers, seed=1, split="train",
+                          start=10**7, pool=pool))
+            start = time.perf_counter()
+            for _ in generate(params, n_all, seed=0, split="train", pool=pool):
+                pass
+            elapsed = time.perf_counter() - start
+        row |= {"all_cores_images_per_s": n_all / elapsed, "all_cores_images": n_all,
+                "workers": workers}
+    best = row.get("all_cores_images_per_s", single)
+    row["full_set_minutes_extrapolated"] = FULL_SET / best / 60
+    return row
+
+
+def _pipeline_config(task: str, root: Path, rng: np.random.Generator):
+    """A small built data set of ``task`` at its LRA length, and the public batch size."""
+    from xformers_zoo.configs import resolve_config
+    from xformers_zoo.data import fixtures
+    from xformers_zoo.tasks import TASKS
+
+    length = TASKS.get(task).max_length
+    manual = root / "manual"
+    manual.mkdir(parents=True, exist_ok=True)
+    if task == "text":
+        fixtures.write_imdb(manual, {p: [(fixtures.random_text(rng, length // 2, 2 * length),
+                                          i % 2) for i in range(256)] for p in ("train", "test")})
+    elif task == "retrieval":
+        fixtures.write_aan(manual, {s: [(i % 2, fixtures.random_text(rng, length // 2, 2 * length),
+                                         fixtures.random_text(rng, length // 2, 2 * length))
+                                        for i in range(256)]
+                                    for s in ("train", "validation", "test")})
+    elif task == "image":
+        fixtures.write_cifar(manual, rng, per_batch=100, n_test=50)
+    batch_size = resolve_config(task, "full").train.batch_size
+    overrides = {"data.data_dir": str(root / "data"), "data.manual_dir": str(manual),
+                 "data.train_size": max(batch_size, 64 if task == "path256" else 256),
+                 "data.val_size": 8, "data.test_size": 8}
+    return resolve_config(task, "full", overrides=overrides)
+
+
+def time_pipeline(task: str, root: Path, seconds: float) -> dict:
+    """Examples per second of ``task``'s training batches at its LRA length."""
+    from xformers_zoo import data
+
+    config = _pipeline_config(task, root / task, np.random.default_rng(0))
+    data.prepare(config.data)
+    batch_size = config.train.batch_size
+    iterator = iter(data.train_dataset(config.data, batch_size, seed=0))
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(iterator)
+        count += batch["label"].shape[0]
+    rate = count / (time.perf_counter() - start)
+    return {"task": task, "length": int(batch["inputs"].shape[-1]), "batch_size": batch_size,
+            "examples_per_s": rate, "batches_per_s": rate / batch_size}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    """The result as Markdown tables."""
+    m = result["machine"]
+    lines = [f"# Data layer throughput on {m['cpu']} ({m['cores']} cores)", "",
+             f"Command: `{result['command']}`  ", f"JAX {result['jax_version']}, "
+             f"numpy {result['numpy_version']}, {result['date']}", "",
+             "## Pathfinder generation", "",
+             "Full-set times are extrapolated from the images timed, not measured.", "",
+             "| size | tokens | one core (img/s) | all cores (img/s) | workers | "
+             "200K images, est. (min) |", "|---|---|---|---|---|---|"]
+    for r in result["generation"]:
+        lines.append(f"| {r['size']} | {r['tokens']} | {r['one_core_images_per_s']:.1f} | "
+                     f"{r.get('all_cores_images_per_s', float('nan')):.1f} | "
+                     f"{r.get('workers', 1)} | {r['full_set_minutes_extrapolated']:.1f} |")
+    if result["pipeline"]:
+        lines += ["", "## grain pipeline (training batches)", "",
+                  "| task | length | batch | examples/s | batches/s |", "|---|---|---|---|---|"]
+        for r in result["pipeline"]:
+            lines.append(f"| {r['task']} | {r['length']} | {r['batch_size']} | "
+                         f"{r['examples_per_s']:.0f} | {r['batches_per_s']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark and writes the results; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="xformers-zoo bench data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=sorted(RESOLUTIONS),
+                        choices=sorted(RESOLUTIONS))
+    parser.add_argument("--workers", type=int, default=0, help="0: every core")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies the number of images timed")
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="pipeline tasks (default: all; none to skip)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="pipeline time per task")
+    parser.add_argument("--out", default="results/bench_data",
+                        help="output path without extension (.json and .md are written)")
+    args = parser.parse_args(argv)
+    import jax
+
+    from xformers_zoo.tasks import TASKS
+
+    workers = args.workers or os.cpu_count() or 1
+    result = {
+        "command": " ".join(["python -m xformers_zoo.train.bench_data", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "jax_version": jax.__version__, "numpy_version": np.__version__,
+        "generation": [], "pipeline": [],
+    }
+    for size in args.sizes:
+        row = time_generation(size, workers, args.scale)
+        result["generation"].append(row)
+        print(json.dumps(row), flush=True)
+    tasks = TASKS.names() if args.tasks is None else args.tasks
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in tasks:
+            row = time_pipeline(task, Path(tmp), args.seconds)
+            result["pipeline"].append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out.with_suffix(".md"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
