@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
-from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
 from xformers_zoo.variants import Capabilities, register_variant
 
 # Score given to a query's own key: far below any real score, so self-attention only wins when
@@ -46,10 +46,9 @@ class ReformerConfig:
     def check(self, *, max_length: int, num_heads: int, head_dim: int) -> None:
         """Raises ConfigError for settings the attention cannot use."""
         del max_length, num_heads, head_dim
-        if self.n_hashes < 1:
-            raise ConfigError(f"reformer n_hashes must be >= 1, got {self.n_hashes}")
-        if self.chunk_length < 1:
-            raise ConfigError(f"reformer chunk_length must be >= 1, got {self.chunk_length}")
+        for name in ("n_hashes", "chunk_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reformer {name} must be >= 1, got {getattr(self, name)}")
         nb = self.n_buckets
         if nb is not None and not (nb == 1 or (nb >= 2 and nb % 2 == 0)):
             raise ConfigError(f"reformer n_buckets must be 1 or an even number >= 2 (angular LSH "

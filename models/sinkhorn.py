@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float
-from xformers_zoo.models.masked_softmax import MASKED, attend, dropout_key, pad_to_multiple
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.models.masked_softmax import MASKED, attend, dropout_key, pad_to_multiple
 from xformers_zoo.variants import Capabilities, register_variant
 
 
@@ -50,10 +50,9 @@ class SinkhornConfig:
     def check(self, *, max_length: int, num_heads: int, head_dim: int) -> None:
         """Raises ConfigError for settings the attention cannot use."""
         del max_length, num_heads, head_dim
-        if self.block_size < 1:
-            raise ConfigError(f"sinkhorn block_size must be >= 1, got {self.block_size}")
-        if self.iterations < 1:
-            raise ConfigError(f"sinkhorn iterations must be >= 1, got {self.iterations}")
+        for name in ("block_size", "iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sinkhorn {name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"sinkhorn temperature must be > 0, got {self.temperature}")
 

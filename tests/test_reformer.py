@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from xformers_zoo.models.reformer import SELF_SCORE, ReformerAttention, ReformerConfig
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.models.reformer import SELF_SCORE, ReformerAttention, ReformerConfig
 
 HEADS, DIM = 2, 8
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from xformers_zoo.configs import ModelConfig, resolve_model_config
 
 import xformers_zoo as xz
+from xformers_zoo.configs import ModelConfig, resolve_model_config
 from xformers_zoo.layers.chunked import chunked_feed_forward
 from xformers_zoo.layers.encoder import Encoder, MlpBlock
 from xformers_zoo.layers.reversible import dropout_keys, reversible_apply
@@ -16,8 +16,13 @@ from xformers_zoo.layers.reversible import dropout_keys, reversible_apply
 LENGTH, EMB, HEADS = 12, 16, 2
 
 
-def make_encoder(variant="full", *, reversible=False, ff_chunks=1, layers=2, dropout=0.1):
-    cfg = resolve_model_config(ModelConfig(variant=variant))
+# Fixed random synthesized attention: a small graph that still carries non-trainable state
+# (its logits) through the reversible layers' custom VJP.
+VARIANT, ATTENTION = "synthesizer-random", {"trainable": False}
+
+
+def make_encoder(variant=VARIANT, *, reversible=False, ff_chunks=1, layers=2, dropout=0.1):
+    cfg = resolve_model_config(ModelConfig(variant=variant, attention=ATTENTION))
     return Encoder(xz.VARIANTS.get(variant), cfg.attention, num_layers=layers, emb_dim=EMB,
                    qkv_dim=EMB, mlp_dim=2 * EMB, num_heads=HEADS, max_length=LENGTH,
                    dropout=dropout, attention_dropout=dropout, dtype=jnp.float32, remat=False,
@@ -30,13 +35,14 @@ def inputs():
     return x, mask
 
 
-@pytest.mark.parametrize("variant", ["full", "reformer"])
-def test_reversible_gradients_equal_plain_autodiff(variant):
+def test_reversible_gradients_equal_plain_autodiff():
     """The custom VJP (inputs recomputed from outputs, dropout replayed from the same keys)
     gives the gradients that autodiff through the same reversible forward gives."""
-    enc = make_encoder(variant, reversible=True)
+    enc = make_encoder(reversible=True)
     x, mask = inputs()
-    keys = dropout_keys(nnx.Rngs(dropout=7), len(enc.blocks), deterministic=False)
+    # An "rbg" key compiles much faster on CPU than the default threefry one.
+    keys = dropout_keys(nnx.Rngs(dropout=jax.random.key(7, impl="rbg")), len(enc.blocks),
+                        deterministic=False)
     graphdef, params, rest = nnx.split(enc, nnx.Param, ...)
 
     def loss(params, x, recompute):
@@ -64,7 +70,7 @@ def test_reversible_encoder_runs_with_dropout_and_its_keys_matter():
     def train_out(enc, key):
         return enc(x, mask, deterministic=False, rngs=nnx.Rngs(dropout=key))
 
-    a, b = train_out(enc, jax.random.key(1)), train_out(enc, jax.random.key(2))
+    a, b = (train_out(enc, jax.random.key(seed, impl="rbg")) for seed in (1, 2))
     assert a.shape == x.shape and np.isfinite(np.asarray(a)).all()
     assert not np.allclose(np.asarray(a), np.asarray(b))
     # Deterministic output matches a hand-written y1 = x1 + F(x2), y2 = x2 + G(y1) stack.
