@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from xformers_zoo.kernels.dispatch import AttentionCall
 
 
@@ -20,16 +21,23 @@ def cudnn_rejects(call: AttentionCall) -> str | None:
         return "block masks are not supported"
     if call.dropout_rate > 0.0:
         return "attention dropout is not supported"
+    if call.has_key_mask and not call.key_mask_is_prefix:
+        return ("key masks must be right padding (key_mask_is_prefix=True): cuDNN takes "
+                "sequence lengths, not a [batch, k] mask")
     return None
 
 
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
                     dropout_rate=0.0, dropout_rng=None):
-    """cuDNN flash attention; the key mask becomes a broadcast [b, 1, 1, k] mask."""
+    """cuDNN flash attention; a right-padding key mask becomes per-sequence key lengths."""
     del block_mask, dropout_rate, dropout_rng  # rejected above
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                       implementation="cudnn")
+    lengths = {}
+    if key_mask is not None:
+        batch, q_len = q.shape[:2]
+        lengths = {"query_seq_lengths": jnp.full((batch,), q_len, jnp.int32),
+                   "key_value_seq_lengths": key_mask.sum(-1).astype(jnp.int32)}
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                       implementation="cudnn", **lengths)
     if key_mask is not None:
         # Rows of an all-padding sequence see no key: return zeros as the other paths do.
         out = jnp.where(key_mask.any(-1)[:, None, None, None], out, 0)

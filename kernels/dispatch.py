@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 from jaxtyping import Array, Bool, Float
-from xformers_zoo.kernels.block_mask import BlockMask
 
+from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.registry import Registry
 
 log = logging.getLogger("xformers_zoo.kernels")
@@ -35,6 +35,7 @@ class AttentionCall:
     block_mask: BlockMask | None
     causal: bool
     dropout_rate: float
+    key_mask_is_prefix: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +86,15 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     implementation: Sequence[str] = ("cudnn", "xla"),
+    key_mask_is_prefix: bool = False,
 ) -> Float[Array, "b q h d"]:
     """Softmax attention ``softmax(q k^T * scale + mask) v`` per head.
 
-    ``key_mask`` is True at real keys; ``block_mask`` restricts which tiles are computed; rows
-    with no visible key return zeros. ``implementation`` is tried in order; each skipped one is
-    logged once with its reason (logger ``xformers_zoo.kernels``).
+    ``key_mask`` is True at real keys; ``key_mask_is_prefix`` promises that the real keys of each
+    sequence come first (padding at the end, as the project's pipelines pad), which lets
+    implementations take per-sequence lengths instead of a mask. ``block_mask`` restricts which
+    tiles are computed; rows with no visible key return zeros. ``implementation`` is tried in
+    order; each skipped one is logged once with its reason (logger ``xformers_zoo.kernels``).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q [b, q, h, d] and k, v [b, k, h, d]; got {q.shape}, "
@@ -105,7 +109,7 @@ def dot_product_attention(
         backend=jax.default_backend(), dtype=str(q.dtype), batch=q.shape[0], q_len=q.shape[1],
         k_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
         has_key_mask=key_mask is not None, block_mask=block_mask, causal=causal,
-        dropout_rate=float(dropout_rate),
+        dropout_rate=float(dropout_rate), key_mask_is_prefix=key_mask_is_prefix,
     )
     impl, skipped = choose_implementation(call, implementation)
     key = (impl.name, tuple(skipped))

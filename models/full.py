@@ -7,8 +7,8 @@ import dataclasses
 
 from flax import nnx
 from jaxtyping import Array, Bool, Float
-from xformers_zoo.kernels import dot_product_attention
 
+from xformers_zoo.kernels import dot_product_attention
 from xformers_zoo.variants import Capabilities, register_variant
 
 
@@ -42,4 +42,4 @@ class FullAttention(nnx.Module):
         return dot_product_attention(
             q, k, v, key_mask=key_mask, causal=self.config.causal, dropout_rate=rate,
             dropout_rng=rngs.dropout() if rate > 0 else None,
-            implementation=self.config.implementation)
+            implementation=self.config.implementation, key_mask_is_prefix=True)

@@ -18,3 +18,12 @@ python3 -m xformers_zoo train --task listops --model full --workdir /tmp/runs/li
 cp /tmp/runs/listops-full/final.json "$out/final.json"
 cp /tmp/runs/listops-full/metrics.jsonl "$out/metrics.jsonl"
 cp /tmp/runs/listops-full/config.json "$out/config.json"
+# Optional: time a short run of another config (e.g. the xla path with attention dropout).
+if [ -n "${TIMING_STEPS:-}" ]; then
+  python3 -m xformers_zoo train --task listops --model full --workdir /tmp/runs/timing \
+    --no-progress data.data_dir=/tmp/data train.steps="$TIMING_STEPS" \
+    train.eval_every="$TIMING_STEPS" train.checkpoint_every="$TIMING_STEPS" ${TIMING_OVERRIDES:-} \
+    > "$out/timing.txt" 2>&1 || true
+  tail -3 "$out/timing.txt"
+  cp /tmp/runs/timing/final.json "$out/timing_final.json" || true
+fi

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+import xformers_zoo as xz
 from xformers_zoo.kernels import (
     NoImplementationError,
     dot_product_attention,
     xla_attention,
 )
-
-import xformers_zoo as xz
 from xformers_zoo.layers.embeddings import LearnedPositions2D, SinusoidalPositions
 from xformers_zoo.layers.heads import dual_features, pool
 from xformers_zoo.tasks import TaskSpec
@@ -111,3 +111,17 @@ def test_dispatch_explains_skipped_implementations(caplog, monkeypatch):
         dot_product_attention(q, q, q, implementation=("cudnn",))
     with pytest.raises(ValueError, match="key_mask must be"):
         dot_product_attention(q, q, q, key_mask=jnp.ones((1, 3), bool))
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_reference_with_right_padding():
+    ks = jax.random.split(jax.random.key(7), 3)
+    q, k, v = (jax.random.normal(kk, (2, 300, 4, 64), jnp.bfloat16) for kk in ks)
+    key_mask = jnp.arange(300)[None] < jnp.array([[100], [300]])
+    out = dot_product_attention(q, k, v, key_mask=key_mask, implementation=("cudnn",),
+                                key_mask_is_prefix=True)
+    ref = reference_attention(q, k, v, np.asarray(key_mask)[:, None, None, :])
+    err = np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref)
+    assert err < 2e-2
+    with pytest.raises(NoImplementationError, match="right padding"):
+        dot_product_attention(q, k, v, key_mask=key_mask, implementation=("cudnn",))

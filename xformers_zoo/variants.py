@@ -5,7 +5,9 @@ head_dim]`` and a key padding mask ``[batch, length]`` and returns ``[batch, len
 head_dim]``. It is built as ``core_cls(config, num_heads=..., head_dim=..., max_length=...,
 dropout=..., rngs=...)`` (dropout: the attention dropout rate) and called as
 ``core(q, k, v, key_mask, deterministic=..., rngs=...)``. The shared
-multi-head layer owns the projections; the core owns whatever else it needs.
+multi-head layer owns the projections; the core owns whatever else it needs. Key masks are right
+padding: each sequence's real tokens come first (the pipelines pad at the end and the classifier
+prepends its CLS token), so cores may turn masks into lengths.
 """
 
 from __future__ import annotations
