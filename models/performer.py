@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float
-from xformers_zoo.models.linear import linear_attention
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.models.linear import linear_attention
 from xformers_zoo.variants import Capabilities, register_variant
 
 
@@ -111,6 +111,10 @@ class PerformerConfig:
     eps: float = 1e-4
     causal: bool = False
 
+    def refresh_interval(self) -> int:
+        """Steps between feature redraws during training (0: never); read by the trainer."""
+        return self.redraw_every
+
     def check(self, *, max_length: int, num_heads: int, head_dim: int) -> None:
         """Rejects settings FAVOR+ cannot run with."""
         del max_length, num_heads, head_dim
@@ -130,6 +134,7 @@ class PerformerConfig:
     "performer", config_cls=PerformerConfig,
     paper="Choromanski et al. 2021, Rethinking Attention with Performers",
     capabilities=Capabilities(causal=True, cross_attention=True),
+    refresh=lambda model, key, step: redraw_features(model, key, step=step),
     # The public LRA code used the ReLU kernel on deterministic features (projection unused) with
     # a kernel epsilon of 1e-3; num_features stays 256 as it declared.
     lra_overrides={"model.attention.kernel": "relu",

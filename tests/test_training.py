@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.train import (
     RunDirectoryMismatchError,
@@ -135,3 +137,21 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, data_dir):
     train = [[r["loss"] for r in read_metrics(Path(d) / "metrics.jsonl") if r["split"] == "train"]
              for d in (killed, tmp_path / "straight")]
     np.testing.assert_allclose(train[0], train[1], rtol=1e-6)
+
+
+def test_trainer_refreshes_performer_features(tmp_path, data_dir):
+    from xformers_zoo.models.performer import RandomFeatures
+
+    config = resolve_config("listops", "performer", presets=["tiny"], overrides={
+        **TINY, "data.data_dir": data_dir, "train.steps": 20,
+        "model.attention.redraw_every": 10, "model.attention.num_features": 16})
+    run(config, tmp_path / "run", progress=False)
+    setup = loop._Setup(config)
+    initial = jax.tree.leaves(nnx.state(setup.state.rest, RandomFeatures))
+    checkpoints = RunCheckpoints(tmp_path / "run")
+    state, _, _ = checkpoints.restore_latest(setup.state)
+    checkpoints.close()
+    trained = jax.tree.leaves(nnx.state(state.rest, RandomFeatures))
+    assert initial and len(initial) == len(trained)
+    assert all(not np.allclose(a, b) for a, b in zip(initial, trained, strict=True))
+    assert setup.refresh_every == 10

@@ -15,18 +15,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
-from xformers_zoo.configs import ExperimentConfig, load_config
-from xformers_zoo.train.checkpoint import RunCheckpoints
-from xformers_zoo.train.metrics import MetricsLog
-from xformers_zoo.train.optim import make_optimizer, make_schedule
-from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
-from xformers_zoo.train.steps import compile_steps, init_state
 
 from xformers_zoo import config as cfglib
 from xformers_zoo import data
 from xformers_zoo.api import build_model, count_params
+from xformers_zoo.configs import ExperimentConfig, load_config
 from xformers_zoo.data.sources import effective_length
+from xformers_zoo.train.checkpoint import RunCheckpoints
+from xformers_zoo.train.metrics import MetricsLog
+from xformers_zoo.train.optim import make_optimizer, make_schedule
+from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
+from xformers_zoo.train.steps import TrainState, compile_steps, init_state
+from xformers_zoo.variants import VARIANTS
 
 log = logging.getLogger("xformers_zoo.train")
 
@@ -115,6 +117,19 @@ class _Setup:
         self.state = replicate(state, self.mesh)
         self.train_step, self.eval_step = compile_steps(self.graphdef, tx, self.schedule,
                                                         config.train.grad_accum)
+        self.variant = VARIANTS.get(config.model.variant)
+        self.refresh_every = self.variant.refresh_interval(config.model.attention)
+
+    def refresh(self, state: TrainState, step: int) -> TrainState:
+        """Lets the variant update its non-trainable state (e.g. redraw random features) at
+        the steps its config asks for; the key depends on the seed and step only."""
+        if not self.refresh_every or step % self.refresh_every:
+            return state
+        model = nnx.merge(self.graphdef, state.params, state.rest)
+        key = jax.random.fold_in(jax.random.key(self.config.train.seed + 1), step)
+        self.variant.refresh(model, key, step)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return state._replace(rest=replicate(rest, self.mesh))
 
 
 def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -175,6 +190,7 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
             state, metrics = setup.train_step(state, shard_batch(next(iterator), setup.mesh))
             pending.append(metrics)
             step += 1
+            state = setup.refresh(state, step)
             bar.update(1)
             is_eval = step % tc.eval_every == 0 or step == tc.steps
             is_save = is_eval or step % tc.checkpoint_every == 0

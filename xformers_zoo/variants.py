@@ -13,7 +13,7 @@ prepends its CLS token), so cores may turn masks into lengths.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from xformers_zoo.config import ConfigError
@@ -55,6 +55,9 @@ class VariantSpec:
       paper: the citation it comes from.
       lra_overrides: dotted config overrides that reproduce the public LRA code's defaults for this
         variant (applied by the ``lra`` preset), e.g. {"model.attention.k": 16}.
+      refresh: ``(model, key, step) -> int`` updating the cores' non-trainable state between
+        training steps (Performer's feature redraw); the trainer calls it at the steps that the
+        variant config's ``refresh_interval()`` divides. Returns how many cores changed.
     """
 
     name: str
@@ -63,6 +66,13 @@ class VariantSpec:
     capabilities: Capabilities
     paper: str
     lra_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    refresh: Callable[..., int] | None = None
+
+    def refresh_interval(self, config: Any) -> int:
+        """Steps between ``refresh`` calls for this config; 0 when the variant never refreshes."""
+        if self.refresh is None or not hasattr(config, "refresh_interval"):
+            return 0
+        return int(config.refresh_interval())
 
     def check(self, config: Any, *, max_length: int, num_heads: int, head_dim: int) -> None:
         """Raises ConfigError when this variant cannot serve the shape; variant configs may add
@@ -85,6 +95,7 @@ def register_variant(
     paper: str,
     capabilities: Capabilities | None = None,
     lra_overrides: Mapping[str, Any] | None = None,
+    refresh: Callable[..., int] | None = None,
 ):
     """Class decorator registering an attention core under ``name``."""
 
@@ -92,7 +103,7 @@ def register_variant(
         VARIANTS.register(name, VariantSpec(
             name=name, core=core, config_cls=config_cls,
             capabilities=capabilities or Capabilities(), paper=paper,
-            lra_overrides=dict(lra_overrides or {}),
+            lra_overrides=dict(lra_overrides or {}), refresh=refresh,
         ))
         return core
 
