@@ -6,9 +6,9 @@ round assigns every position an angular-LSH bucket, sorts positions by (bucket, 
 cuts the sorted sequence into chunks of ``chunk_length`` and lets every query attend to its own
 chunk and the one before it. A query never attends to itself unless it sees nothing else.
 Rounds are combined by weighting each round's output with its share of the total softmax
-mass (its log-sum-exp), after dividing every score by the number of rounds in which that key is
-visible to that query, so that the result is softmax attention over the union of the rounds'
-windows (the paper's multi-round attention with duplicate counting).
+mass (its log-sum-exp), after dividing each key's unnormalised weight by the number of rounds in
+which that key is visible to that query, so that the result is softmax attention over the union
+of the rounds' windows (the paper's multi-round attention with duplicate counting).
 """
 
 from __future__ import annotations
