@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
 from xformers_zoo.kernels.cudnn import cudnn_attention
 from xformers_zoo.kernels.pallas_attention import FlashTiles, PassTiles, pallas_attention
 from xformers_zoo.kernels.xla import xla_attention

@@ -53,12 +53,12 @@ def sparse_table(report: dict) -> list[str]:
     lines = [f"Block-sparse pallas, N={first['n']}, D={first['d']}, B x H = "
              f"{first['batch']}x{first['heads']}, 128-token tiles, sliding window + 2 global "
              f"tiles. TFLOP/s count only computed tiles.", "",
-             "| window | density | fwd ms (TFLOP/s) | fwd+bwd ms (TFLOP/s) "
-             "| dense cuDNN time / this: fwd, fwd+bwd |", "|---|---|---|---|---|"]
+             "| window | density | impl | fwd ms (TFLOP/s) | fwd+bwd ms (TFLOP/s) "
+             "| dense cuDNN time / this: fwd, fwd+bwd |", "|---|---|---|---|---|---|"]
     for r in report["sparse"]:
         ratios = [(dense[f"{m}_ms"] / r[f"{m}_ms"]) if f"{m}_ms" in dense and f"{m}_ms" in r
                   else None for m in ("fwd", "fwd_bwd")]
-        lines.append(f"| {r['window']} | {r['density']:.3f} | {_cell(r, 'fwd')} | "
+        lines.append(f"| {r['window']} | {r['density']:.3f} | {r['impl']} | {_cell(r, 'fwd')} | "
                      f"{_cell(r, 'fwd_bwd')} | {_fmt(ratios[0])}, {_fmt(ratios[1])} |")
     return lines
 
@@ -99,7 +99,8 @@ def write_plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     ax = axes[-1]
     for mode in ("fwd", "fwd_bwd"):
-        pts = [(r["density"], r[f"{mode}_ms"]) for r in report["sparse"] if f"{mode}_ms" in r]
+        pts = [(r["density"], r[f"{mode}_ms"]) for r in report["sparse"]
+               if f"{mode}_ms" in r and r["impl"] == "pallas-sparse"]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"block-sparse {mode}")
     ax.set(xlabel="tile density", ylabel="ms", title="block-sparse pallas")

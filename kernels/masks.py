@@ -15,6 +15,7 @@ the kernels compute exactly the tiles a mask marks. Combine patterns with ``unio
 from __future__ import annotations
 
 import numpy as np
+
 from xformers_zoo.kernels.block_mask import BlockMask
 
 

@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall
 from xformers_zoo.kernels.pallas_backward import flash_backward
@@ -62,16 +63,20 @@ class FlashTiles:
         return self.forward, self.key_value, self.query
 
 
-def default_tiles(head_dim: int, dtype) -> FlashTiles:
-    """Tiles measured best on an H100 (kernels/NOTES.md); float32 halves them to fit on chip."""
+def default_tiles(head_dim: int, dtype, sparse: bool = False) -> FlashTiles:
+    """Tiles measured best on an H100 (kernels/NOTES.md); float32 halves them to fit on chip.
+    Block-sparse calls at head_dim <= 64 take wider key tiles: their rows are short, so fewer,
+    larger steps win."""
     if jnp.dtype(dtype) == jnp.float32:
         passes = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)]
+    elif sparse and head_dim <= 64:
+        passes = [(64, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 2)]
     elif head_dim <= 32:
         passes = [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2)]
     elif head_dim <= 64:
         passes = [(128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)]
     else:
-        passes = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)]
+        passes = [(128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 2)]
     return FlashTiles(*(PassTiles(*p) for p in passes))
 
 
@@ -91,18 +96,22 @@ def pallas_rejects(call: AttentionCall) -> str | None:
             return "needs a CUDA GPU (the GPU backend reports no compute capability)"
         if float(capability) < 8.0:
             return f"needs compute capability 8.0 or newer, device has {capability}"
-    if call.dtype not in DTYPES:
-        return f"dtype must be one of {DTYPES}, got {call.dtype}"
-    if call.head_dim not in HEAD_DIMS:
-        return f"head_dim must be one of {HEAD_DIMS}, got {call.head_dim}"
-    if call.dropout_rate > 0.0:
-        return "attention dropout is not implemented in the Pallas kernels"
-    if call.block_mask is not None:
-        bm = call.block_mask
-        for size in (bm.block_q, bm.block_k):
+    return _input_rejects(call.dtype, call.head_dim, call.block_mask) or (
+        "attention dropout is not implemented in the Pallas kernels"
+        if call.dropout_rate > 0.0 else None)
+
+
+def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> str | None:
+    """Why the kernels cannot take inputs of this dtype, head dim and block mask, or None."""
+    if dtype not in DTYPES:
+        return f"dtype must be one of {DTYPES}, got {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS}, got {head_dim}"
+    if block_mask is not None:
+        for size in (block_mask.block_q, block_mask.block_k):
             if size < 16 or size & (size - 1):
                 return (f"block-mask tiles must be powers of two >= 16, got "
-                        f"{bm.block_q}x{bm.block_k}")
+                        f"{block_mask.block_q}x{block_mask.block_k}")
     return None
 
 
@@ -159,7 +168,12 @@ def pallas_attention(
         interpret = jax.default_backend() != "gpu"
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    tiles = tiles or default_tiles(head_dim, q.dtype)
+    reason = _input_rejects(str(q.dtype), head_dim, block_mask)
+    if reason is not None:
+        raise ValueError(f"pallas attention: {reason}")
+    if block_mask is not None:
+        block_mask.check_shape(q_len, k_len, heads)
+    tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
     passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
     q_pad = _round_up(q_len, max(t.block_q for t in passes))
     k_pad = _round_up(k_len, max(t.block_k for t in passes))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
 from xformers_zoo.kernels.block_mask import BlockMask
 
 LOG2_E = math.log2(math.e)

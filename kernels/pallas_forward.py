@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
+
 from xformers_zoo.kernels.pallas_common import (
     EMPTY_ROW_LSE,
     LOG2_E,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
 from xformers_zoo.kernels.block_mask import BlockMask
 
 # A large finite negative rather than -inf: a fully masked row then stays finite (its output is

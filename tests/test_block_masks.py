@@ -4,6 +4,7 @@ with the number of non-empty tiles."""
 
 import numpy as np
 import pytest
+
 from xformers_zoo.kernels import masks
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.pallas_common import schedule_from_visibility, tile_visibility

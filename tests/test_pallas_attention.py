@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from xformers_zoo.kernels import dot_product_attention, masks
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall, choose_implementation
@@ -138,6 +139,15 @@ def test_rejects_name_the_reason(monkeypatch):
         assert impl.name == "xla" and expected in skipped[0][1]
 
 
+def test_direct_call_rejects_bad_input():
+    q = jnp.zeros((1, 8, 1, 48))
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        pallas_attention(q, q, q)
+    q = jnp.zeros((1, 64, 2, 16))
+    with pytest.raises(ValueError, match="heads"):
+        pallas_attention(q, q, q, block_mask=BlockMask(np.ones((3, 2, 2), bool), 32, 32))
+
+
 def test_dispatch_runs_pallas_in_interpret_mode(monkeypatch):
     monkeypatch.setenv(INTERPRET_ENV, "1")
     keys = jax.random.split(jax.random.key(6), 3)
@@ -168,13 +178,13 @@ def test_gpu_dense(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("per_head", [False, True])
-def test_gpu_block_sparse(per_head):
+@pytest.mark.parametrize("per_head,head_dim", [(False, 64), (True, 128), (True, 32)])
+def test_gpu_block_sparse(per_head, head_dim):
     n, heads = 1500, 2
     block_mask = masks.union(masks.sliding_window(n, 256, 128), masks.global_tokens(n, 1, 128),
                              masks.random_blocks(n, 2, 128, seed=8,
                                                  num_heads=heads if per_head else 1))
     key_mask = jnp.arange(n)[None, :] < jnp.array([n, 1100])[:, None]
-    run_and_check(9, batch=2, q_len=n, k_len=n, heads=heads, head_dim=64, dtype=jnp.bfloat16,
+    run_and_check(9, batch=2, q_len=n, k_len=n, heads=heads, head_dim=head_dim, dtype=jnp.bfloat16,
                   tol=2e-2, tiles=None, interpret=False, key_mask=key_mask,
                   block_mask=block_mask)

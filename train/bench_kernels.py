@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from xformers_zoo.kernels import masks
 from xformers_zoo.kernels.bench_impls import IMPLS, make_inputs, parse_tiles
 from xformers_zoo.kernels.bench_report import write_markdown, write_plot
@@ -128,13 +129,17 @@ def sparse_rows(args, ceil) -> list[dict]:
     rows = []
     for window in args.windows:
         bm = masks.union(masks.sliding_window(n, window, block), masks.global_tokens(n, 2, block))
-        attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm)
         flops = 4.0 * b * h * n * n * d * bm.density
-        row = {"n": n, "d": d, "batch": b, "heads": h, "window": window, "density": bm.density}
-        row |= measure("pallas-sparse", attend, inputs, flops=flops, bytes_fwd=4 * elem,
-                       bytes_bwd=8 * elem, ceil=ceil, repeats=args.repeats)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for tiles in [None, *args.sparse_tiles]:
+            attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm,
+                                        tiles=parse_tiles(tiles) if tiles else None)
+            row = {"n": n, "d": d, "batch": b, "heads": h, "window": window,
+                   "density": bm.density}
+            row |= measure("pallas-sparse" + (f"@{tiles}" if tiles else ""), attend, inputs,
+                           flops=flops, bytes_fwd=4 * elem, bytes_bwd=8 * elem, ceil=ceil,
+                           repeats=args.repeats)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -151,6 +156,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sparse-len", type=int, default=16384)
     p.add_argument("--windows", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--sparse-tiles", nargs="*", default=[],
+                   help="extra block-sparse rows with other tiles (as --pallas-tiles)")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--name", default="bench_kernels", help="file stem of the outputs")
     return p.parse_args(argv)
