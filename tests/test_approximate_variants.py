@@ -9,7 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+
+import xformers_zoo as xz
+from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels import xla_attention
+from xformers_zoo.layers.encoder import Encoder
 from xformers_zoo.models.linear import LinearAttention, LinearConfig
 from xformers_zoo.models.linformer import LinformerAttention, LinformerConfig
 from xformers_zoo.models.nystromformer import (
@@ -25,10 +29,6 @@ from xformers_zoo.models.performer import (
     draw_features,
     redraw_features,
 )
-
-import xformers_zoo as xz
-from xformers_zoo.config import ConfigError
-from xformers_zoo.layers.encoder import Encoder
 
 B, N, H, D = 2, 64, 2, 16
 
