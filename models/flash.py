@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 from xformers_zoo.models.full import FullAttention, FullConfig
-
 from xformers_zoo.variants import Capabilities, register_variant
 
 
