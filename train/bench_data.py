@@ -121,7 +121,8 @@ def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
     lines = [f"# Data layer throughput on {m['cpu']} ({m['cores']} cores)", "",
              f"Command: `{result['command']}`  ", f"JAX {result['jax_version']}, "
-             f"numpy {result['numpy_version']}, {result['date']}", "",
+             f"numpy {result['numpy_version']}, {result['date']}, load average at start "
+             f"{m['load_average_at_start']:.1f}", "",
              "## Pathfinder generation", "",
              "Full-set times are extrapolated from the images timed, not measured.", "",
              "| size | tokens | one core (img/s) | all cores (img/s) | workers | "
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m xformers_zoo.train.bench_data", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # other work on the machine slows every number down
+                    "load_average_at_start": os.getloadavg()[0]},
         "jax_version": jax.__version__, "numpy_version": np.__version__,
         "generation": [], "pipeline": [],
     }

@@ -30,6 +30,7 @@ LEVELS = {"baseline": 6, "contour9": 9, "contour14": 14}
 FIRST_CANDIDATES, TURN_CANDIDATES = 24, 16
 MAX_ATTEMPTS = 2000
 TARGET_BACKTRACKS = 40
+MAX_BACKOFF = 6  # paddles a stuck contour gives up, drawn from 1..MAX_BACKOFF
 ALL_BITS = int("01" * 31, 2)  # the ``all`` bit of every contour (see _Image)
 SEED_INSET = 0.2  # fraction of the side kept between the first seed and the edges
 
@@ -215,7 +216,7 @@ class _Image:
                 if budget < 0:
                     raise
                 self.retract(contour, min(counts[contours.index(contour)],
-                                          int(rng.integers(1, 4))))
+                                          int(rng.integers(1, MAX_BACKOFF + 1))))
 
     def random_point(self, rng: np.random.Generator, inset: float = 0.0) -> np.ndarray:
         """A uniform point at least ``border + inset`` from the edges."""
