@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from xformers_zoo.configs.base import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-
 from xformers_zoo.registry import Registry
 
 TASK_CONFIGS: Registry[Callable[[], ExperimentConfig]] = Registry("task config")

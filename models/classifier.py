@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
-from xformers_zoo.configs.base import ModelConfig
 
+from xformers_zoo.configs.base import ModelConfig
 from xformers_zoo.layers.embeddings import make_positions
 from xformers_zoo.layers.encoder import Encoder
 from xformers_zoo.layers.heads import ClassifierHead, dual_features, pool

@@ -8,8 +8,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from xformers_zoo.configs.base import DataConfig
 
+from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import listops
 
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from xformers_zoo.configs import ModelConfig, resolve_model_config
 
 import xformers_zoo as xz
+from xformers_zoo.configs import ModelConfig, resolve_model_config
 from xformers_zoo.layers.encoder import Encoder
 
 LENGTH, EMB, HEADS = 64, 32, 4

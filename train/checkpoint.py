@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
 from xformers_zoo.train.steps import TrainState
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
+
 from xformers_zoo.configs.base import TrainConfig
 
 
