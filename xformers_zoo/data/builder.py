@@ -30,7 +30,10 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         task = TASKS.get(self.SOURCE.task)
-        sequence = tfds.features.Tensor(shape=(None,), dtype=self.SOURCE.token_dtype)
+        # Raw bytes: the default stores one int64 per token, which made writing and reading
+        # 64K-token Path-256 images 30x and 6x slower.
+        sequence = tfds.features.Tensor(shape=(None,), dtype=self.SOURCE.token_dtype,
+                                        encoding=tfds.features.Encoding.BYTES)
         features = {"inputs": sequence, "label": tfds.features.ClassLabel(
             num_classes=task.num_classes)}
         if task.two_inputs:
