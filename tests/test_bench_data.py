@@ -18,4 +18,5 @@ def test_bench_data_writes_results(tmp_path):
     (pipe,) = result["pipeline"]
     assert pipe["task"] == "image" and pipe["length"] == 1024 and pipe["examples_per_s"] > 0
     assert result["machine"]["cores"] >= 1 and "--scale 0.02" in result["command"]
+    assert gen["build_images_per_s"] > 0 and gen["build_images"] == 64 + 16
     assert "| 32 | 1024 |" in out.with_suffix(".md").read_text()
