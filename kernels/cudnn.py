@@ -27,18 +27,28 @@ def cudnn_rejects(call: AttentionCall) -> str | None:
     return None
 
 
+# cuDNN's fused backward pass takes lengths that are multiples of 64 only; other lengths are
+# padded up to one and the padded keys masked through the sequence lengths.
+_LENGTH_MULTIPLE = 64
+
+
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
                     dropout_rate=0.0, dropout_rng=None):
     """cuDNN flash attention; a right-padding key mask becomes per-sequence key lengths."""
     del block_mask, dropout_rate, dropout_rng  # rejected above
-    lengths = {}
-    if key_mask is not None:
-        batch, q_len = q.shape[:2]
-        lengths = {"query_seq_lengths": jnp.full((batch,), q_len, jnp.int32),
-                   "key_value_seq_lengths": key_mask.sum(-1).astype(jnp.int32)}
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                       implementation="cudnn", **lengths)
-    if key_mask is not None:
-        # Rows of an all-padding sequence see no key: return zeros as the other paths do.
-        out = jnp.where(key_mask.any(-1)[:, None, None, None], out, 0)
-    return out
+    batch, q_len, _, head_dim = q.shape
+    k_len = k.shape[1]
+    key_lengths = (jnp.full((batch,), k_len, jnp.int32) if key_mask is None
+                   else key_mask.sum(-1).astype(jnp.int32))
+
+    def pad(x):
+        extra = -x.shape[1] % _LENGTH_MULTIPLE
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+    out = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), scale=head_dim**-0.5 if scale is None else scale,
+        is_causal=causal, implementation="cudnn",
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+        key_value_seq_lengths=key_lengths)[:, :q_len]
+    # Rows of an all-padding sequence see no key: return zeros as the other paths do.
+    return jnp.where((key_lengths > 0)[:, None, None, None], out, 0).astype(q.dtype)
