@@ -5,8 +5,8 @@ difficulty levels, a 128 px smoke test, and the `data show` grid."""
 import numpy as np
 import pytest
 from scipy import ndimage
-from xformers_zoo.configs.base import DataConfig
 
+from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import pathfinder as pf
 from xformers_zoo.data import pathfinder_source, show
 

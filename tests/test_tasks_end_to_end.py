@@ -5,12 +5,12 @@ per-task code. Pathfinder-64, Path-X and Path-256 use linear attention: full att
 
 import numpy as np
 import pytest
-from xformers_zoo.configs import resolve_config
-from xformers_zoo.train import run
-from xformers_zoo.train.metrics import read_metrics
 
+from xformers_zoo.configs import resolve_config
 from xformers_zoo.data import fixtures
 from xformers_zoo.tasks import TASKS
+from xformers_zoo.train import run
+from xformers_zoo.train.metrics import read_metrics
 
 SMALL = {"model.num_layers": 1, "model.num_heads": 2, "model.emb_dim": 16, "model.qkv_dim": 16,
          "model.mlp_dim": 32, "train.batch_size": 4, "train.steps": 4, "train.eval_every": 4,

@@ -6,8 +6,9 @@ An image holds two target contours of ``contour_length`` paddles whose first pad
 contour grows from its tip: the next paddle's direction is drawn among candidate turns weighted by
 cos^2(min(continuity * turn, pi/2)), and a candidate whose centre line comes within the
 clearance of another contour (an occupancy grid dilated by that clearance), of the contour's own
-earlier paddles, or of the border gets weight 0. A contour with no candidate left makes the
-whole image start again from its next random numbers. One marker sits on the start of a random
+earlier paddles, or of the border gets weight 0. A contour with no candidate left backs off a
+few paddles and grows again; after too many back-offs, or with no room for a distractor, the
+whole image starts again from its next random numbers. One marker sits on the start of a random
 target contour, the other on the end of the same contour (label 1) or of the other one (label 0).
 Everything is drawn at ``antialias`` times the resolution and box-averaged down.
 
@@ -279,16 +280,13 @@ def draw_sample(rng: np.random.Generator, p: PathfinderParams) -> Sample:
     marked = int(rng.integers(2))
     start = im.paddles[marked][0][0]
     end = im.paddles[marked if label else 1 - marked][-1][1]
-    canvas = np.zeros((im.side, im.side), np.float32)
-    for paddles in im.paddles:
-        for a, b in paddles:
-            draw.draw_segment(canvas, a, b, p.paddle_thickness * p.antialias)
+    scale = 1.0 / p.antialias  # a power of two: scaling back and forth is exact
+    paddles = np.array([[a, b] for c in im.paddles for a, b in c]) * scale
+    contour = np.array([i for i, c in enumerate(im.paddles) for _ in c], np.int64)
+    canvas = render_ink(paddles, p)
     for centre in (start, end):
         draw.draw_disc(canvas, centre, p.marker_radius * p.antialias)
     image = draw.to_pixels(draw.downsample(canvas, p.antialias), p.contrast)
-    scale = 1.0 / p.antialias
-    paddles = np.array([[a, b] for c in im.paddles for a, b in c]) * scale
-    contour = np.array([i for i, c in enumerate(im.paddles) for _ in c], np.int64)
     return Sample(image, label, paddles, contour, np.stack([start, end]) * scale)
 
 
