@@ -7,10 +7,10 @@ out=${1:?output folder}; shift
 source scripts/gpu_setup.sh
 rm -rf /tmp/runs/listops-full /tmp/runs/timing  # a warm machine may hold an earlier attempt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# A failing test is recorded but does not stop the job.
-python3 -m pytest -q -rf tests/test_layers.py tests/test_registry_config.py \
+# A failing test is recorded but does not stop the job; SKIP_TESTS=1 leaves them out.
+[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -rf tests/test_layers.py tests/test_registry_config.py \
   > "$out/gpu_tests.txt" 2>&1 || true
-tail -5 "$out/gpu_tests.txt"
+[ -n "${SKIP_TESTS:-}" ] || tail -5 "$out/gpu_tests.txt"
 start=$(date +%s)
 python3 -m xformers_zoo data prepare listops data.data_dir=/tmp/data data.workers=16 2>&1 | tee "$out/prepare.txt"
 echo "prepare_seconds $(( $(date +%s) - start ))" | tee -a "$out/prepare.txt"
