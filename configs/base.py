@@ -94,7 +94,9 @@ class DataConfig:
     ``source`` is "generated" for tasks the project generates (ListOps, Pathfinder), "official"
     to read released files from ``manual_dir``, or "tfds" for a TFDS data set already prepared
     (Text: ``imdb_reviews``). Sizes of None mean the task's standard sizes. ``level`` is the
-    Pathfinder difficulty: contour length 6, 9 or 14 (LRA uses 14).
+    Pathfinder difficulty: contour length 6, 9 or 14 (LRA uses 14). ``workers``: processes that
+    generate data (0: every core); ``loader_workers``: processes that assemble training batches
+    ahead of the step (0: in the training process).
     """
 
     task: str = "listops"
@@ -107,6 +109,7 @@ class DataConfig:
     max_length: int | None = None
     generation_seed: int = 0
     workers: int = 0
+    loader_workers: int = 0
     level: Literal["baseline", "contour9", "contour14"] = "contour14"
 
 

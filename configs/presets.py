@@ -31,6 +31,7 @@ def tiny(variant: str, task: str) -> dict[str, Any]:
         "train.warmup_steps": 200, "train.weight_decay": 0.01, "train.eval_every": 250,
         "train.checkpoint_every": 250, "train.log_every": 50,
         "data.train_size": 8_000, "data.val_size": 500, "data.test_size": 1_000,
+        "data.loader_workers": 0,
     }
     if TASKS.get(task).image_shape is None:
         overrides["data.max_length"] = 128

@@ -73,7 +73,8 @@ def image() -> ExperimentConfig:
         train=TrainConfig(batch_size=256, steps=35_000, lr=5e-4, schedule="cosine",
                           warmup_steps=45_000 // 256, weight_decay=0.0, eval_every=1000,
                           checkpoint_every=1000),
-        data=DataConfig(task="image", source="official"),
+        # Batches of 256 images outrun one process's batching on a GPU: prefetch in workers.
+        data=DataConfig(task="image", source="official", loader_workers=4),
     )
 
 
@@ -90,7 +91,7 @@ def _pathfinder(task: str, *, num_layers: int, num_heads: int, positional: str,
                           warmup_steps=160_000 // batch_size, weight_decay=0.0,
                           grad_clip=grad_clip, eval_every=1000, checkpoint_every=1000),
         data=DataConfig(task=task, source="generated", level="contour14", train_size=160_000,
-                        val_size=20_000, test_size=20_000),
+                        val_size=20_000, test_size=20_000, loader_workers=4),
     )
 
 

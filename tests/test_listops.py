@@ -152,3 +152,22 @@ def test_train_iterator_state_resumes_exactly(tmp_path):
     fresh.set_state(state)
     for want in expected:
         np.testing.assert_array_equal(next(fresh)["inputs"], want)
+
+
+def test_prefetching_loader_keeps_order_and_resumes(tmp_path):
+    import dataclasses
+
+    from xformers_zoo import data
+
+    cfg = DataConfig(task="listops", data_dir=str(tmp_path), train_size=50, val_size=5,
+                     test_size=5, max_length=64, workers=1)
+    plain = iter(data.train_dataset(cfg, 8, seed=3))
+    want = [next(plain)["inputs"] for _ in range(5)]
+    fast = iter(data.train_dataset(dataclasses.replace(cfg, loader_workers=2), 8, seed=3))
+    got = [next(fast)["inputs"] for _ in range(3)]
+    state = fast.get_state()
+    resumed = iter(data.train_dataset(dataclasses.replace(cfg, loader_workers=2), 8, seed=3))
+    resumed.set_state(state)
+    got += [next(resumed)["inputs"] for _ in range(2)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

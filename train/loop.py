@@ -34,7 +34,8 @@ log = logging.getLogger("xformers_zoo.train")
 
 # Fields a rerun may change without making the saved run a different experiment.
 RESUMABLE_FIELDS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                    "train.checkpoint_every", "data.data_dir", "data.workers", "data.manual_dir"}
+                    "train.checkpoint_every", "data.data_dir", "data.workers", "data.manual_dir",
+                    "data.loader_workers"}
 
 
 class TrainingDivergedError(RuntimeError):

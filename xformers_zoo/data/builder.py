@@ -28,6 +28,11 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
         name = self.SOURCE.build_name(data_config)
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
+    def __reduce__(self):
+        # Loader worker processes receive the data source, and with it this builder; the class
+        # is made at run time, so pickle the recipe rather than the class.
+        return (_rebuild, (self.SOURCE.task, self._data_config, self._original_state["data_dir"]))
+
     def _info(self) -> tfds.core.DatasetInfo:
         task = TASKS.get(self.SOURCE.task)
         # Raw bytes: the default stores one int64 per token, which made writing and reading
@@ -60,10 +65,14 @@ def _builder_class(task: str) -> type[_TaskBuilder]:
     })
 
 
+def _rebuild(task: str, data_config: DataConfig, data_dir: str) -> _TaskBuilder:
+    return _builder_class(task)(data_config=data_config, data_dir=data_dir,
+                                file_format="array_record")
+
+
 def dataset_builder(config: DataConfig) -> _TaskBuilder:
     """The TFDS builder of ``config.task`` for these data settings."""
-    return _builder_class(config.task)(data_config=config, data_dir=str(Path(config.data_dir)),
-                                       file_format="array_record")
+    return _rebuild(config.task, config, str(Path(config.data_dir)))
 
 
 def prepare(config: DataConfig) -> _TaskBuilder:

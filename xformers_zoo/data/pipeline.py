@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags as absl_flags
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data.builder import data_source
@@ -59,7 +60,9 @@ def _sharded(config: DataConfig, split: str) -> grain.MapDataset:
 def train_dataset(config: DataConfig, batch_size: int, seed: int) -> grain.IterDataset:
     """Endless shuffled training batches (a new permutation every epoch, fixed by ``seed``).
 
-    ``batch_size`` is this process's share of the global batch. The iterator made from it has
+    ``batch_size`` is this process's share of the global batch. With ``loader_workers`` > 0,
+    batches are assembled by that many worker processes ahead of training (grain's
+    ``mp_prefetch``; the order stays the same). The iterator made from it has
     ``get_state()``/``set_state()`` for checkpoints.
     """
     ds = _sharded(config, "train")
@@ -67,7 +70,14 @@ def train_dataset(config: DataConfig, batch_size: int, seed: int) -> grain.IterD
         raise ValueError(f"the train split has {len(ds)} examples for this process, fewer than "
                          f"one batch of {batch_size}")
     ds = ds.shuffle(seed=seed).repeat(None).map(PadExample(config))
-    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    if config.loader_workers > 0:
+        # grain's workers read absl flags, which only absl.app parses; mark them parsed (with
+        # their defaults) when running under any other entry point.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.loader_workers))
+    return ds
 
 
 def eval_batches(config: DataConfig, split: str, batch_size: int,
