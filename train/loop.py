@@ -155,12 +155,12 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
                              resume_step=int(state.step) if restored else None)
     step = int(state.step)
     pending: list[dict[str, jax.Array]] = []
-    window_start, rates = time.perf_counter(), []
+    window_start, rates, compiled = time.perf_counter(), [], False
     last_good = checkpoints.latest_step()
 
     def flush(step: int) -> None:
         """Checks and logs the metrics of the steps since the last flush."""
-        nonlocal window_start
+        nonlocal window_start, compiled
         if not pending:
             return
         fetched = jax.device_get(pending)
@@ -174,8 +174,9 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
                 f"{workdir / 'checkpoints'}. Lower train.lr or set train.grad_clip.")
         elapsed = time.perf_counter() - window_start
         window_start = time.perf_counter()
-        if step > n:  # the first window holds compilation
+        if compiled:  # this process's first window holds compilation
             rates.append(n / elapsed)
+        compiled = True
         count = sum(float(m["count"]) for m in fetched)
         record = {"loss": sum(float(m["loss_sum"]) for m in fetched) / count,
                   "accuracy": sum(float(m["correct"]) for m in fetched) / count,
