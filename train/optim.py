@@ -3,6 +3,7 @@ decoupled weight decay (Loshchilov & Hutter 2019), optional global-norm clipping
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -20,7 +21,8 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     if cfg.schedule == "rsqrt":
         def rsqrt(step):
             step = jnp.asarray(step, jnp.float32) + 1.0
-            return cfg.lr * jnp.minimum(1.0, step / warmup) * jax_rsqrt(jnp.maximum(step, warmup))
+            return cfg.lr * jnp.minimum(1.0, step / warmup) * jax.lax.rsqrt(
+                jnp.maximum(step, warmup))
         return rsqrt
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
@@ -29,11 +31,6 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
         return optax.linear_schedule(0.0, cfg.lr, warmup) if cfg.warmup_steps else (
             lambda step: cfg.lr)
     raise ValueError(f"unknown schedule {cfg.schedule!r}; known: rsqrt, cosine, constant")
-
-
-def jax_rsqrt(x):
-    """1 / sqrt(x)."""
-    return 1.0 / jnp.sqrt(x)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
