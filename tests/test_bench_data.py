@@ -18,5 +18,8 @@ def test_bench_data_writes_results(tmp_path):
     (pipe,) = result["pipeline"]
     assert pipe["task"] == "image" and pipe["length"] == 1024 and pipe["examples_per_s"] > 0
     assert result["machine"]["cores"] >= 1 and "--scale 0.02" in result["command"]
-    assert gen["build_images_per_s"] > 0 and gen["build_images"] == 64 + 16
+    # builds of n = 64 and 2n training images, each with 8 + 8 validation and test images;
+    # the rate is nan when the two builds are too noisy to tell apart, never negative
+    assert gen["build_images"] == 3 * 64 + 32 and "build_startup_s" in gen
+    assert not gen["build_images_per_s"] <= 0
     assert "| 32 | 1024 |" in out.with_suffix(".md").read_text()
