@@ -21,6 +21,9 @@ def cudnn_rejects(call: AttentionCall) -> str | None:
         return "block masks are not supported"
     if call.dropout_rate > 0.0:
         return "attention dropout is not supported"
+    if call.causal and call.q_len != call.k_len:
+        return ("causal masks with q_len != k_len: cuDNN aligns them top-left, the other "
+                "implementations bottom-right")
     if call.has_key_mask and not call.key_mask_is_prefix:
         return ("key masks must be right padding (key_mask_is_prefix=True): cuDNN takes "
                 "sequence lengths, not a [batch, k] mask")

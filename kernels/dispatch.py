@@ -111,11 +111,18 @@ def dot_product_attention(
         has_key_mask=key_mask is not None, block_mask=block_mask, causal=causal,
         dropout_rate=float(dropout_rate), key_mask_is_prefix=key_mask_is_prefix,
     )
+    if isinstance(implementation, str):
+        implementation = (implementation,)
     impl, skipped = choose_implementation(call, implementation)
     key = (impl.name, tuple(skipped))
     if skipped and key not in _explained:
         _explained.add(key)
+        # On a GPU, passing over the first choice changes speed and memory a lot (attention
+        # dropout sends cuDNN-bound runs to the dense path): say so where users look. Elsewhere
+        # the GPU implementations are expected to step aside.
+        first_skipped = skipped[0][0] == implementation[0]
+        level = logging.WARNING if first_skipped and call.backend == "gpu" else logging.INFO
         for name, reason in skipped:
-            log.info("attention: skipped %s (%s); using %s", name, reason, impl.name)
+            log.log(level, "attention: skipped %s (%s); using %s", name, reason, impl.name)
     return impl.fn(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)

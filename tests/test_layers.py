@@ -138,3 +138,18 @@ def test_cudnn_matches_reference_with_right_padding():
     for got, want in zip(loss("cudnn")(q, k, v), ref_grads, strict=True):
         got, want = np.asarray(got, np.float32), np.asarray(want)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+
+
+def test_cudnn_rejects_what_it_would_compute_differently():
+    import dataclasses
+
+    from xformers_zoo.kernels import AttentionCall
+    from xformers_zoo.kernels.cudnn import cudnn_rejects
+
+    call = AttentionCall(backend="gpu", dtype="bfloat16", batch=2, q_len=64, k_len=64,
+                         num_heads=4, head_dim=64, has_key_mask=True, block_mask=None,
+                         causal=False, dropout_rate=0.0, key_mask_is_prefix=True)
+    assert cudnn_rejects(call) is None
+    assert "top-left" in cudnn_rejects(dataclasses.replace(call, causal=True, q_len=32))
+    assert "right padding" in cudnn_rejects(dataclasses.replace(call, key_mask_is_prefix=False))
+    assert "dropout" in cudnn_rejects(dataclasses.replace(call, dropout_rate=0.1))
