@@ -66,6 +66,8 @@ def test_rerun_resumes_and_config_changes_are_refused(tmp_path, data_dir):
     run(tiny_config(data_dir, **{"train.steps": 20}), workdir, progress=False)
     with pytest.raises(RunDirectoryMismatchError, match=r"train.lr: saved 0.05, given 0.1"):
         run(tiny_config(data_dir, **{"train.lr": 0.1}), workdir, progress=False)
+    with pytest.raises(RunDirectoryMismatchError, match="train.schedule"):
+        run(tiny_config(data_dir, **{"train.schedule": "cosine"}), workdir, progress=False)
     longer = run(tiny_config(data_dir, **{"train.steps": 30}), workdir, progress=False)
     assert longer["steps"] == 30
     steps = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
@@ -155,3 +157,11 @@ def test_trainer_refreshes_performer_features(tmp_path, data_dir):
     assert initial and len(initial) == len(trained)
     assert all(not np.allclose(a, b) for a, b in zip(initial, trained, strict=True))
     assert setup.refresh_every == 10
+
+
+def test_cosine_runs_cannot_change_their_length(tmp_path):
+    config = tiny_config("unused", **{"train.schedule": "cosine"})
+    loop.check_run_dir(config, tmp_path)
+    longer = tiny_config("unused", **{"train.schedule": "cosine", "train.steps": 80})
+    with pytest.raises(RunDirectoryMismatchError, match="train.steps: saved 40, given 80"):
+        loop.check_run_dir(longer, tmp_path)

@@ -66,13 +66,16 @@ def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
         return
     saved = _flatten(json.loads(path.read_text()))
     new = _flatten(json.loads(json.dumps(given)))
+    resumable = set(RESUMABLE_FIELDS)
+    if saved.get("train.schedule") == "cosine":
+        resumable.discard("train.steps")  # the cosine decay ends at train.steps
     diff = [f"{k}: saved {saved.get(k)!r}, given {new.get(k)!r}"
             for k in sorted(set(saved) | set(new))
-            if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k)]
+            if k not in resumable and saved.get(k) != new.get(k)]
     if diff:
         raise RunDirectoryMismatchError(
             f"{workdir} holds a run of a different config ({'; '.join(diff)}); use a new "
-            f"--workdir, or only change {', '.join(sorted(RESUMABLE_FIELDS))} to resume")
+            f"--workdir, or only change {', '.join(sorted(resumable))} to resume")
 
 
 def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
