@@ -171,3 +171,21 @@ def test_prefetching_loader_keeps_order_and_resumes(tmp_path):
     got += [next(resumed)["inputs"] for _ in range(2)]
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_every_process_yields_the_same_number_of_eval_batches(tmp_path, monkeypatch):
+    import jax
+
+    from xformers_zoo import data
+
+    cfg = DataConfig(task="listops", data_dir=str(tmp_path), train_size=20, val_size=5,
+                     test_size=5, max_length=64, workers=1)
+    data.prepare(cfg)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    weights, lengths = [], []
+    for rank in (0, 1):  # 3 and 2 examples: the second process pads with a filler batch
+        monkeypatch.setattr(jax, "process_index", lambda rank=rank: rank)
+        batches = list(data.eval_batches(cfg, "validation", 2))
+        lengths.append(len(batches))
+        weights.append(sum(float(b["weight"].sum()) for b in batches))
+    assert lengths == [2, 2] and weights == [3.0, 2.0]

@@ -4,7 +4,6 @@ from xformers_zoo.train.loop import (
     RunDirectoryMismatchError,
     TrainingDivergedError,
     evaluate_run,
-    majority_rate,
     run,
 )
 
@@ -12,6 +11,5 @@ __all__ = [
     "RunDirectoryMismatchError",
     "TrainingDivergedError",
     "evaluate_run",
-    "majority_rate",
     "run",
 ]

@@ -80,24 +80,16 @@ def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
 
 def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
              max_batches: int | None = None) -> dict[str, float]:
-    """Loss and accuracy of ``state`` over ``split`` (every example once unless limited)."""
+    """Loss and accuracy of ``state`` over ``split`` (every example once unless limited), and
+    the majority-class rate of the examples scored."""
     batch_size = local_batch_size(config.train.batch_size, mesh)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    pending = []
-    for batch in data.eval_batches(config.data, split, batch_size, max_batches):
-        pending.append(eval_step(state, shard_batch(batch, mesh)))
-    for sums in jax.device_get(pending):
-        for k in totals:
-            totals[k] += float(sums[k])
-    count = max(totals["count"], 1.0)
-    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-            "examples": int(totals["count"])}
-
-
-def majority_rate(config: ExperimentConfig, split: str = "test") -> float:
-    """Share of the most frequent label in ``split`` (the accuracy of always guessing it)."""
-    labels = data.labels(config.data, split)
-    return float(np.bincount(labels).max() / max(len(labels), 1))
+    pending = [eval_step(state, shard_batch(batch, mesh))
+               for batch in data.eval_batches(config.data, split, batch_size, max_batches)]
+    sums = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *jax.device_get(pending))
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count,
+            "examples": int(sums["count"]),
+            "majority_rate": float(np.max(sums["class_counts"])) / count}
 
 
 def _peak_memory() -> int | None:
@@ -233,7 +225,7 @@ def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: Experimen
     return {
         "task": config.data.task, "variant": config.model.variant, "steps": int(state.step),
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "test_examples": test["examples"], "majority_rate": majority_rate(config),
+        "test_examples": test["examples"], "majority_rate": test["majority_rate"],
         "best_step": best["step"], "best_val_accuracy": best["accuracy"],
         "steps_per_sec": float(np.median(rates)) if rates else None,
         "peak_memory_bytes": _peak_memory(), "params": setup.num_params,

@@ -101,9 +101,12 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum:
 
 
 def eval_step(graphdef, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Metric sums of one evaluation batch (no dropout)."""
+    """Metric sums of one evaluation batch (no dropout), with the weighted count of each label
+    (``class_counts [classes]``) for the majority-class rate."""
     logits = _forward(graphdef, state.params, state.rest, batch, deterministic=True)
-    return loss_and_metrics(logits, batch)[1]
+    sums = loss_and_metrics(logits, batch)[1]
+    one_hot = jax.nn.one_hot(batch["label"], logits.shape[-1])
+    return {**sums, "class_counts": (one_hot * batch["weight"][:, None]).sum(0)}
 
 
 def compile_steps(graphdef, tx, schedule, grad_accum: int):

@@ -82,16 +82,33 @@ def train_dataset(config: DataConfig, batch_size: int, seed: int) -> grain.IterD
 
 def eval_batches(config: DataConfig, split: str, batch_size: int,
                  max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of ``split`` once, in file order, in fixed-shape batches; the last batch
-    is topped up with zero-weight copies so shapes never change (and jit never recompiles)."""
+    """Every example of ``split`` once, in file order, in fixed-shape batches.
+
+    The last batch is topped up with zero-weight copies so shapes never change (and jit never
+    recompiles), and every process yields the same number of batches (a process whose shard is
+    one example shorter adds a zero-weight batch) so that none waits on the others forever.
+    """
+    total = len(data_source(config, split))
+    if total < jax.process_count():
+        raise ValueError(f"the {split} split has {total} examples, fewer than the "
+                         f"{jax.process_count()} processes reading it")
+    per_process = -(-total // jax.process_count())
+    num_batches = -(-per_process // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
     ds = _sharded(config, split).map(PadExample(config)).batch(batch_size, drop_remainder=False)
-    for i, batch in enumerate(ds):
-        if max_batches is not None and i >= max_batches:
-            return
+    batches = iter(ds)
+    template = None
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:  # this shard ran out one batch early: an all-filler batch
+            batch = {k: v.copy() for k, v in template.items()}
+            batch["weight"][:] = 0.0
         n = batch["label"].shape[0]
         if n < batch_size:
             fill = batch_size - n
             batch = {k: np.concatenate([v, np.repeat(v[:1], fill, axis=0)]) for k, v in
                      batch.items()}
             batch["weight"][n:] = 0.0
+        template = batch
         yield batch
