@@ -7,7 +7,6 @@ import functools
 import logging
 from pathlib import Path
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from xformers_zoo.configs.base import DataConfig
@@ -91,9 +90,3 @@ def data_source(config: DataConfig, split: str):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     return prepare(config).as_data_source(split=split)
-
-
-def labels(config: DataConfig, split: str) -> np.ndarray:
-    """Every label of a split, in file order."""
-    source = data_source(config, split)
-    return np.asarray([source[i]["label"] for i in range(len(source))], np.int64)
