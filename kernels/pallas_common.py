@@ -1,6 +1,6 @@
 """Pieces shared by the Pallas FlashAttention kernels (Dao 2023, "FlashAttention-2: Faster
 Attention with Better Parallelism and Work Partitioning"): the static plan of one call, the tile
-schedules that make block-sparse attention skip empty tiles, and the in-kernel helpers (tile
+schedules that make block-sparse attention skip empty tiles, and the in-kernel functions (tile
 products, element masks).
 
 Logits are kept in base 2 (``s * scale * log2(e)``) so the kernels use ``exp2``; the log-sum-exp

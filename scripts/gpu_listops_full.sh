@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:?output folder}; shift
 source scripts/gpu_setup.sh
-rm -rf /tmp/runs/listops-full /tmp/runs/timing  # a warm machine may hold an earlier attempt
+rm -rf /tmp/runs/listops-full /tmp/runs/timing  # start from clean run folders
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 # A failing test is recorded but does not stop the job; SKIP_TESTS=1 leaves them out.
 [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -rf tests/test_layers.py tests/test_registry_config.py \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Second GPU-machine job: every variant on tiny ListOps, the encoder memory benchmark on the GPU,
-# and the data-layer benchmark on the machine's CPUs. Everything lands in one tarball
-# (the machine returns at most 8 files).  Usage: bash scripts/gpu_round2.sh OUTDIR
+# and the data-layer benchmark on the machine's CPUs. Everything lands in one tarball.
+# Usage: bash scripts/gpu_round2.sh OUTDIR
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out/r"
