@@ -134,7 +134,7 @@ class PerformerConfig:
     "performer", config_cls=PerformerConfig,
     paper="Choromanski et al. 2021, Rethinking Attention with Performers",
     capabilities=Capabilities(causal=True, cross_attention=True),
-    refresh=lambda model, key, step: redraw_features(model, key, step=step),
+    refresh=lambda model, key: redraw_features(model, key),
     # The public LRA code used the ReLU kernel on deterministic features (projection unused) with
     # a kernel epsilon of 1e-3; num_features stays 256 as it declared.
     lra_overrides={"model.attention.kernel": "relu",

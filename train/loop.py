@@ -123,7 +123,7 @@ class _Setup:
             return state
         model = nnx.merge(self.graphdef, state.params, state.rest)
         key = jax.random.fold_in(jax.random.key(self.config.train.seed + 1), step)
-        self.variant.refresh(model, key, step)
+        self.variant.refresh(model, key)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         return state._replace(rest=replicate(rest, self.mesh))
 

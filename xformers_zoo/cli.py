@@ -16,6 +16,7 @@ from xformers_zoo.registry import UnknownNameError
 DELEGATED = {
     ("bench", "kernels"): "xformers_zoo.train.bench_kernels",
     ("bench", "data"): "xformers_zoo.train.bench_data",
+    ("bench", "memory"): "xformers_zoo.train.bench_memory",
     ("data", "show"): "xformers_zoo.data.show",
 }
 
@@ -152,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or their final.json files")
     p.set_defaults(func=cmd_table)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels | data")
+    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    for name in ("kernels", "data"):
+    for name in ("kernels", "data", "memory"):
         bench_sub.add_parser(name, add_help=False)
     return parser
 

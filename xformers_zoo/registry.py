@@ -29,7 +29,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str, entry: T) -> T:
         """Adds ``entry`` under ``name``; a second entry under the same name raises ValueError."""
-        if not name or name != name.strip():
+        if not name or any(c.isspace() for c in name):
             raise ValueError(f"{self.kind} names must be non-empty without spaces, got {name!r}")
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")

@@ -55,7 +55,7 @@ class VariantSpec:
       paper: the citation it comes from.
       lra_overrides: dotted config overrides that reproduce the public LRA code's defaults for this
         variant (applied by the ``lra`` preset), e.g. {"model.attention.k": 16}.
-      refresh: ``(model, key, step) -> int`` updating the cores' non-trainable state between
+      refresh: ``(model, key) -> int`` updating the cores' non-trainable state between
         training steps (Performer's feature redraw); the trainer calls it at the steps that the
         variant config's ``refresh_interval()`` divides. Returns how many cores changed.
     """
