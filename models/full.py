@@ -9,6 +9,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels import dot_product_attention
+from xformers_zoo.models.masked_softmax import dropout_key
 from xformers_zoo.variants import Capabilities, register_variant
 
 
@@ -38,8 +39,8 @@ class FullAttention(nnx.Module):
     def __call__(self, q: Float[Array, "b l h d"], k: Float[Array, "b l h d"],
                  v: Float[Array, "b l h d"], key_mask: Bool[Array, "b l"], *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l h d"]:
-        rate = 0.0 if deterministic else self.dropout
+        key = dropout_key(rngs, self.dropout, deterministic)
         return dot_product_attention(
-            q, k, v, key_mask=key_mask, causal=self.config.causal, dropout_rate=rate,
-            dropout_rng=rngs.dropout() if rate > 0 else None,
+            q, k, v, key_mask=key_mask, causal=self.config.causal,
+            dropout_rate=0.0 if key is None else self.dropout, dropout_rng=key,
             implementation=self.config.implementation, key_mask_is_prefix=True)
