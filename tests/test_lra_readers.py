@@ -200,3 +200,23 @@ def test_prepare_twice_reuses_the_built_data(tmp_path):
     archive.unlink()  # a rebuild would fail now
     again = data.prepare(config)
     assert again.data_dir == first.data_dir and len(read_split(config, "train")) == 4
+
+
+def test_archives_are_parsed_once_until_replaced(tmp_path):
+    import os
+
+    from xformers_zoo.data.manual import parsed_once
+
+    calls = []
+
+    @parsed_once
+    def read(path):
+        calls.append(path)
+        return open(path).read()
+
+    path = tmp_path / "archive.txt"
+    path.write_text("one")
+    assert read(path) == "one" and read(str(path)) == "one" and len(calls) == 1
+    path.write_text("three")
+    os.utime(path, ns=(1, 1))  # a different modification time and size: a new archive
+    assert read(path) == "three" and len(calls) == 2

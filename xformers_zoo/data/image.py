@@ -78,6 +78,7 @@ def _batches(path: Path) -> dict[str, bytes]:
     return found
 
 
+@manual.parsed_once
 def read_cifar(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Greyscale ``[n, 32, 32]`` images and labels per LRA split: train (the first 90% of the
     training batches), validation (the last 10%) and test."""

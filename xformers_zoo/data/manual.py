@@ -4,6 +4,7 @@ count of skipped records."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -132,3 +133,20 @@ def limits_name(config: DataConfig) -> str:
     """The size limits as part of a build name, e.g. ``8000_500_all``."""
     return "_".join("all" if n is None else str(n)
                     for n in (config.train_size, config.val_size, config.test_size))
+
+
+def parsed_once(read):
+    """Caches ``read(path)`` on the file's identity (path, size, modification time): a build
+    reads every split from one archive, so it is parsed once, and a replaced archive anew."""
+
+    @functools.lru_cache(maxsize=2)
+    def cached(path: str, size: int, mtime_ns: int):
+        del size, mtime_ns  # part of the cache key only
+        return read(path)
+
+    @functools.wraps(read)
+    def wrapper(path):
+        stat = Path(path).stat()
+        return cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+    return wrapper

@@ -50,6 +50,7 @@ def _from_folder(path: Path) -> dict[str, list[tuple[str, Review]]]:
     return parts
 
 
+@manual.parsed_once
 def read_imdb(path: str | Path) -> dict[str, list[Review]]:
     """Reviews and labels (0 negative, 1 positive) of the "train" and "test" parts of the
     official archive or folder, each part in a fixed shuffled order."""
