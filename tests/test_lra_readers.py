@@ -55,7 +55,7 @@ def test_imdb_bytes_labels_and_splits(tmp_path):
     # size limits keep a leading subset of the fixed shuffle, with both classes
     limited = text_config(tmp_path, train_size=2)
     assert len(read_split(limited, "train")) == 2
-    assert data.dataset_builder(limited).builder_config.name == "official_len16_2_all_all"
+    assert data.dataset_builder(limited).builder_config.name == "official_len16_2_all_all_f2"
 
 
 def test_imdb_missing_and_truncated_archives(tmp_path):

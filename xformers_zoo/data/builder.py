@@ -15,6 +15,10 @@ from xformers_zoo.tasks import TASKS
 
 log = logging.getLogger("xformers_zoo.data")
 
+# The layout in which this builder stores examples (2: token sequences as raw bytes). It is part
+# of every data set's name, so a set written in an older layout is rebuilt, never misread.
+STORAGE_FORMAT = 2
+
 
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
     """Base of the per-task builders; each subclass is made by ``_builder_class``."""
@@ -24,7 +28,7 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, data_config: DataConfig, **kwargs):
         self._data_config = data_config
-        name = self.SOURCE.build_name(data_config)
+        name = f"{self.SOURCE.build_name(data_config)}_f{STORAGE_FORMAT}"
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
     def __reduce__(self):
