@@ -6,6 +6,7 @@ the kernels compute exactly the tiles a mask marks. Combine patterns with ``unio
 
 - ``sliding_window``: Longformer's local window (Beltagy et al. 2020) and the Local attention of
   the LRA paper.
+- ``local_blocks``: block-local attention (own tile, optionally the tiles just before it).
 - ``global_tokens``: Longformer/BigBird global tokens: the first tiles see and are seen by all.
 - ``random_blocks``: BigBird's random key tiles per query tile (per head if asked).
 - ``strided`` and ``fixed``: the two factorised patterns of the Sparse Transformer (Child et al.
@@ -105,3 +106,11 @@ def union(*masks: BlockMask) -> BlockMask:
         raise ValueError("union needs masks with the same tile sizes")
     return BlockMask(np.logical_or.reduce(np.broadcast_arrays(*(m.mask for m in masks))),
                      first.block_q, first.block_k)
+
+
+def local_blocks(length: int, block: int, *, look_back: int = 0) -> BlockMask:
+    """Local attention: each tile sees itself and the ``look_back`` tiles before it."""
+    if look_back < 0:
+        raise ValueError(f"look_back must be >= 0 tiles, got {look_back}")
+    qi, kj = _tile_grid(length, block)
+    return BlockMask((qi - kj >= 0) & (qi - kj <= look_back), block, block)

@@ -2,6 +2,7 @@
 
 # Importing a variant's module registers it under its name(s).
 from xformers_zoo.models import (  # noqa: F401
+    block_sparse,
     flash,
     full,
     linear,
