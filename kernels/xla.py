@@ -11,7 +11,7 @@ from xformers_zoo.kernels.block_mask import BlockMask
 
 # A large finite negative rather than -inf: a fully masked row then stays finite (its output is
 # zeroed below) instead of turning into NaN through inf - inf.
-_MASKED = -1e30
+MASKED = -1e30
 
 
 def attention_mask(
@@ -55,7 +55,7 @@ def xla_attention(
     mask = attention_mask(q.shape[1], k.shape[1], key_mask=key_mask, block_mask=block_mask,
                           causal=causal)
     if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED)
+        logits = jnp.where(mask, logits, MASKED)
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)

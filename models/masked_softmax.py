@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-# A large finite negative rather than -inf, so that a row with no visible key stays finite
-# (its output is zeroed) instead of turning into NaN through inf - inf.
-MASKED = -1e30
+from xformers_zoo.kernels.xla import MASKED
 
 
 def pad_to_multiple(x: Array, multiple: int, *, axis: int, value=0) -> Array:

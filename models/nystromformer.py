@@ -23,10 +23,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.kernels.xla import MASKED
 from xformers_zoo.variants import Capabilities, register_variant
-
-# Finite rather than -inf, so a sequence with no real key stays finite.
-_MASKED = -1e30
 
 
 def landmark_weights(key_mask: Bool[Array, "b n"], num_landmarks: int) -> Float[Array, "b m n"]:
@@ -139,7 +137,7 @@ class NystromAttention(nnx.Module):
         kernel_1 = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k_land) * scale)
         kernel_2 = jax.nn.softmax(jnp.einsum("bmhd,bphd->bhmp", q_land, k_land) * scale)
         logits_3 = jnp.einsum("bmhd,bnhd->bhmn", q_land, k) * scale
-        kernel_3 = jax.nn.softmax(jnp.where(key_mask[:, None, None, :], logits_3, _MASKED))
+        kernel_3 = jax.nn.softmax(jnp.where(key_mask[:, None, None, :], logits_3, MASKED))
         # Right to left, so every product is [n, m] or [m, m] by a vector, never [n, n].
         context = jnp.einsum("bhmn,bnhd->bhmd", kernel_3, v)
         context = iterative_pinv(kernel_2, self.config.pinv_iterations) @ context

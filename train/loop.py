@@ -107,8 +107,8 @@ class _Setup:
         model = build_model(config.model, config.data.task,
                             max_length=effective_length(config.data), seed=config.train.seed)
         self.num_params = count_params(model)
-        tx = make_optimizer(config.train)
         self.schedule = make_schedule(config.train)
+        tx = make_optimizer(config.train, self.schedule)
         self.graphdef, state = init_state(model, tx, config.train.seed)
         self.state = replicate(state, self.mesh)
         self.train_step, self.eval_step = compile_steps(self.graphdef, tx, self.schedule,

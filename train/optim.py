@@ -33,10 +33,12 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; known: rsqrt, cosine, constant")
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with the configured schedule, betas, eps, weight decay and optional clipping."""
-    adam = optax.adamw(make_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                       weight_decay=cfg.weight_decay)
+def make_optimizer(cfg: TrainConfig,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """AdamW with the configured schedule (or ``schedule``, already made from ``cfg``), betas,
+    eps, weight decay and optional clipping."""
+    adam = optax.adamw(schedule or make_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if cfg.grad_clip is None:
         return adam
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)

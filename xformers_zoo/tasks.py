@@ -17,8 +17,6 @@ class TaskSpec:
       max_length: tokens per input sequence.
       vocab_size: token ids are in [0, vocab_size).
       num_classes: number of labels.
-      pooling: default pooling ("cls" or "mean").
-      positional: default positional encoding.
       two_inputs: examples hold two sequences (Retrieval), classified by a dual encoder.
       image_shape: (height, width) for image tasks, flattened row by row.
       has_padding: sequences are padded (id 0 = pad); image tasks have no padding since pixel
@@ -30,8 +28,6 @@ class TaskSpec:
     max_length: int
     vocab_size: int
     num_classes: int
-    pooling: str = "cls"
-    positional: str = "sinusoidal"
     two_inputs: bool = False
     image_shape: tuple[int, int] | None = None
     has_padding: bool = True
@@ -42,28 +38,28 @@ TASKS: Registry[TaskSpec] = Registry("task")
 
 # Vocabulary and sizes follow the LRA paper (Tay et al. 2020); see shared LRA facts.
 TASKS.register("listops", TaskSpec(
-    name="listops", max_length=2000, vocab_size=16, num_classes=10, pooling="cls",
+    name="listops", max_length=2000, vocab_size=16, num_classes=10,
     description="nested MIN/MAX/MED/SM expressions, 10-way (Nangia & Bowman 2018)"))
 TASKS.register("text", TaskSpec(
-    name="text", max_length=1000, vocab_size=257, num_classes=2, pooling="cls",
+    name="text", max_length=1000, vocab_size=257, num_classes=2,
     description="byte-level IMDb sentiment (id = byte + 1, 0 = pad; Maas et al. 2011)"))
 TASKS.register("retrieval", TaskSpec(
-    name="retrieval", max_length=4000, vocab_size=257, num_classes=2, pooling="cls",
+    name="retrieval", max_length=4000, vocab_size=257, num_classes=2,
     two_inputs=True,
     description="byte-level AAN citation matching of two papers, dual encoder (Radev et al. 2013)"))
 TASKS.register("image", TaskSpec(
-    name="image", max_length=1024, vocab_size=256, num_classes=10, pooling="cls",
-    positional="learned", image_shape=(32, 32), has_padding=False,
+    name="image", max_length=1024, vocab_size=256, num_classes=10,
+    image_shape=(32, 32), has_padding=False,
     description="greyscale CIFAR-10, pixel values as tokens (Krizhevsky 2009)"))
 
-# Pathfinder (Linsley et al. 2018): pixel values as tokens, mean pooling; the public LRA configs
-# use sinusoidal positions at 32 px and learned ones for Path-X.
-for _name, _side, _positional, _what in (
-        ("pathfinder32", 32, "sinusoidal", "Pathfinder 32x32"),
-        ("pathfinder64", 64, "sinusoidal", "Pathfinder 64x64"),
-        ("pathx", 128, "learned", "Path-X, Pathfinder 128x128"),
-        ("path256", 256, "learned", "Path-256, Pathfinder 256x256")):
+# Pathfinder (Linsley et al. 2018): pixel values as tokens. Pooling and positions live in the
+# task base configs (configs/tasks.py).
+for _name, _side, _what in (
+        ("pathfinder32", 32, "Pathfinder 32x32"),
+        ("pathfinder64", 64, "Pathfinder 64x64"),
+        ("pathx", 128, "Path-X, Pathfinder 128x128"),
+        ("path256", 256, "Path-256, Pathfinder 256x256")):
     TASKS.register(_name, TaskSpec(
-        name=_name, max_length=_side * _side, vocab_size=256, num_classes=2, pooling="mean",
-        positional=_positional, image_shape=(_side, _side), has_padding=False,
+        name=_name, max_length=_side * _side, vocab_size=256, num_classes=2,
+        image_shape=(_side, _side), has_padding=False,
         description=f"{_what}: are the two marked dots on one dashed contour?"))
