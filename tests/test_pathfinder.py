@@ -133,3 +133,27 @@ def test_generated_source_splits_and_name():
     assert np.array_equal(np.stack([ex["inputs"] for _, ex in test]).reshape(5, 32, 32),
                           expected)
     assert pathfinder_source.build_name(config) == "generated_contour14_seed0_6_4_5"
+
+
+def test_a_build_spawns_one_pool_for_its_three_splits(tmp_path, monkeypatch):
+    from xformers_zoo import data
+
+    spawned = []
+
+    def counting_pool(workers):
+        spawned.append(workers)
+        return real_pool(workers)
+
+    real_pool = pathfinder_source.spawn_pool
+    monkeypatch.setattr(pathfinder_source, "spawn_pool", counting_pool)
+    # Chunks of 2 images: every split has several jobs, so each would want a pool of its own.
+    monkeypatch.setattr(pathfinder_source, "chunk_size", lambda size: 2)
+    config = DataConfig(task="pathfinder32", data_dir=str(tmp_path), train_size=6, val_size=4,
+                        test_size=5, workers=2)
+    data.prepare(config)
+    assert spawned == [2]
+    assert not pathfinder_source._BUILD_POOLS  # the pool is closed with the build
+    test = data.data_source(config, "test")
+    # the files hold the split's images in TFDS's shuffled order
+    built = sorted(np.asarray(test[i]["inputs"]).tobytes() for i in range(5))
+    assert built == sorted(im.tobytes() for im in pf.draw_images((P32, 0, "test", 0, 5))[0])

@@ -3,6 +3,7 @@ with ``tfds.data_source`` (random access, no TensorFlow needed to build or read)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -84,8 +85,11 @@ def prepare(config: DataConfig) -> _TaskBuilder:
     if not builder.is_prepared():
         log.info("preparing %s/%s in %s", config.task, builder.builder_config.name,
                  builder.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=config.manual_dir))
+        scope = builder.SOURCE.build_scope
+        # TFDS writes the splits one after another; the scope spans all of them.
+        with scope(config) if scope is not None else contextlib.nullcontext():
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=config.manual_dir))
     return builder
 
 

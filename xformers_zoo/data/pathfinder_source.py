@@ -3,12 +3,15 @@ generator (``pathfinder.py``), or read from the official release (``lra_release.
 
 Generation cuts each split into chunks of consecutive image indices and reads them back in
 order; every image has its own random stream, so the result is the same for any number of
-worker processes and growing one split leaves the others as they are.
+worker processes and growing one split leaves the others as they are. A build keeps one pool
+of worker processes for its three splits, so it pays the process start-up once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.pool
 import os
 from collections.abc import Iterator
 
@@ -23,10 +26,19 @@ SIZES = {"pathfinder32": 32, "pathfinder64": 64, "pathx": 128, "path256": 256}
 LRA_SIZES = (160_000, 20_000, 20_000)
 GENERATOR_VERSION = "1.0.0"
 
+# The pool of each build in progress, by its data config (see ``build_pool``).
+_BUILD_POOLS: dict[DataConfig, multiprocessing.pool.Pool] = {}
+
 
 def chunk_size(size: int) -> int:
     """Images per job: about a second of work, so that every core stays busy to the end."""
     return {32: 64, 64: 32, 128: 32, 256: 8}.get(size, 16)
+
+
+def spawn_pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool of ``workers`` generation processes."""
+    # spawn: the parent may hold JAX's threads, which fork would copy in a broken state.
+    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 def generate(params: PathfinderParams, count: int, *, seed: int, split: str, start: int = 0,
@@ -40,8 +52,7 @@ def generate(params: PathfinderParams, count: int, *, seed: int, split: str, sta
     workers = workers or os.cpu_count() or 1
     own = None
     if pool is None and workers > 1 and len(jobs) > 1:
-        # spawn: the parent may hold JAX's threads, which fork would copy in a broken state.
-        own = pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+        own = pool = spawn_pool(min(workers, len(jobs)))
     try:
         yield from (pool.imap(draw_images, jobs) if pool is not None else map(draw_images, jobs))
     finally:
@@ -67,10 +78,32 @@ def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     count = split_sizes(config, LRA_SIZES)[split]
     i = 0
     for images, labels in generate(params_for(config), count, seed=config.generation_seed,
-                                   split=split, workers=config.workers):
+                                   split=split, workers=config.workers,
+                                   pool=_BUILD_POOLS.get(config)):
         for pixels, label in zip(images, labels, strict=True):
             yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": int(label)}
             i += 1
+
+
+@contextlib.contextmanager
+def build_pool(config: DataConfig) -> Iterator[None]:
+    """Holds one pool of generation workers open while ``config``'s data set is built, for
+    every split to draw on (none for the release, or when one process suffices)."""
+    if config.source != "generated" or config in _BUILD_POOLS:
+        yield
+        return
+    step = chunk_size(SIZES[config.task])
+    jobs = sum(-(-n // step) for n in split_sizes(config, LRA_SIZES).values())
+    workers = min(config.workers or os.cpu_count() or 1, jobs)
+    if workers <= 1:
+        yield
+        return
+    with spawn_pool(workers) as pool:  # leaving it terminates the workers
+        _BUILD_POOLS[config] = pool
+        try:
+            yield
+        finally:
+            del _BUILD_POOLS[config]
 
 
 def build_name(config: DataConfig) -> str:
@@ -85,5 +118,6 @@ def build_name(config: DataConfig) -> str:
 for _task, _size in SIZES.items():
     SOURCES.register(_task, DataSource(
         task=_task, examples=examples, build_name=build_name, version=GENERATOR_VERSION,
+        build_scope=build_pool,
         description=f"Pathfinder {_size}x{_size} (generated, or the LRA release's "
                     f"pathfinder{_size}/)"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ class DataSource:
       build_name: ``config -> str`` naming the built data set (source, sizes, seed, length...).
       version: bumped whenever the content for the same build name changes.
       description: one line for listings.
+      build_scope: optional ``config -> context manager`` held open around a whole build (all
+        splits), for what the splits share, such as a pool of worker processes.
     """
 
     task: str
@@ -39,6 +42,7 @@ class DataSource:
     build_name: Callable[[DataConfig], str]
     version: str = "1.0.0"
     description: str = ""
+    build_scope: Callable[[DataConfig], AbstractContextManager] | None = None
 
     @property
     def token_dtype(self) -> np.dtype:
