@@ -5,6 +5,9 @@ Inputs are padded to whole tiles here (padded keys get a -inf bias, padded query
 off), so the kernels see only whole tiles. A block mask becomes, on the host, lists of the key
 tiles each query tile visits (and the transpose for the key/value gradients): empty tiles cost
 nothing in either pass, and partial tiles are masked element-wise by the key bias and causality.
+Rows much longer than the typical one (global tokens) are split over several programs
+(kernels/pallas_split.py). Attention dropout is applied inside the kernels from a counter-based
+hash, so no mask is stored (kernels/pallas_dropout.py).
 
 On a CUDA GPU the kernels lower through Pallas' Triton backend (see kernels/NOTES.md for why).
 Elsewhere they can run in Pallas interpret mode, which executes the same kernel bodies with
@@ -32,7 +35,9 @@ from xformers_zoo.kernels.pallas_common import (
     schedule_from_visibility,
     tile_visibility,
 )
+from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
+from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -41,12 +46,14 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 @dataclasses.dataclass(frozen=True)
 class PassTiles:
-    """Tile sizes and Triton launch shape of one pass."""
+    """Tile sizes and Triton launch shape of one pass. ``max_steps``: the most tiles one program
+    of a block-sparse launch walks before its row is split (None: automatic, 0: never)."""
 
     block_q: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    max_steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +104,8 @@ def pallas_rejects(call: AttentionCall) -> str | None:
         if float(capability) < 8.0:
             return f"needs compute capability 8.0 or newer, device has {capability}"
     return _input_rejects(call.dtype, call.head_dim, call.block_mask) or (
-        "attention dropout is not implemented in the Pallas kernels"
-        if call.dropout_rate > 0.0 else None)
+        None if 0.0 <= call.dropout_rate < 1.0
+        else f"dropout_rate must be in [0, 1), got {call.dropout_rate}")
 
 
 def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> str | None:
@@ -124,11 +131,14 @@ def _fit_to_mask(tiles: PassTiles, block_mask: BlockMask | None) -> PassTiles:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(block_mask: BlockMask, plan: KernelPlan, by_key: bool) -> TileSchedule:
-    """Host tile lists for ``plan``: key tiles per query tile, or query tiles per key tile."""
+def _schedule(block_mask: BlockMask, plan: KernelPlan, by_key: bool,
+              max_steps: int | None) -> TileSchedule:
+    """Host tile lists for ``plan``: key tiles per query tile, or query tiles per key tile, with
+    rows longer than the bound split (``max_steps``, see PassTiles)."""
     visible = tile_visibility(block_mask, plan.block_q, plan.block_k, plan.q_tiles,
                               plan.k_tiles, plan.causal_offset)
-    return schedule_from_visibility(visible.transpose(0, 2, 1) if by_key else visible)
+    schedule = schedule_from_visibility(visible.transpose(0, 2, 1) if by_key else visible)
+    return split_long_rows(schedule, max_steps)
 
 
 def _plan(tiles: PassTiles, q_len: int, k_len: int, schedule_width: int, **facts) -> KernelPlan:
@@ -158,12 +168,15 @@ def pallas_attention(
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
-    Rows with no visible key return zeros. ``interpret`` None means interpret mode exactly when
-    the default backend is not a GPU; ``tiles`` overrides ``default_tiles`` (benchmarks).
+    Rows with no visible key return zeros. ``dropout_rate`` > 0 drops attention weights with
+    decisions drawn from ``dropout_rng`` (``pallas_dropout.keep_mask`` materialises them).
+    ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
+    ``tiles`` overrides ``default_tiles`` (benchmarks).
     """
-    del dropout_rng
-    if dropout_rate > 0.0:
-        raise NotImplementedError("attention dropout is not implemented in the Pallas kernels")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("pallas attention: dropout_rate > 0 needs a dropout_rng")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     batch, q_len, heads, head_dim = q.shape
@@ -189,48 +202,48 @@ def pallas_attention(
                  causal_offset=(k_len - q_len) if causal else None, has_bias=has_bias,
                  sparse=block_mask is not None,
                  schedule_heads=1 if block_mask is None else block_mask.num_heads,
-                 exact_f32=q.dtype == jnp.float32, interpret=bool(interpret))
+                 exact_f32=q.dtype == jnp.float32, interpret=bool(interpret),
+                 dropout_rate=float(dropout_rate))
     plans, schedules = [], []
     for tile, by_key in zip(passes, (False, True, False), strict=True):
         plan = _plan(tile, q_pad, k_pad, 1, **facts)
         schedule = None
         if block_mask is not None:
-            schedule = _schedule(block_mask, plan, by_key)
-            plan = dataclasses.replace(plan, max_count=schedule.max_count)
+            schedule = _schedule(block_mask, plan, by_key, tile.max_steps)
+            plan = dataclasses.replace(
+                plan, max_count=schedule.max_count, programs=schedule.programs,
+                split_slots=0 if schedule.split is None else schedule.split.slots)
         plans.append(plan)
         schedules.append(schedule)
 
+    streams = None
+    if dropout_rate > 0.0:
+        streams = head_streams(seed_words(dropout_rng), batch, heads)  # [b * h] int32
     pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, 0))
     pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, 0))
     out = _flash(tuple(plans), tuple(schedules))(
-        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias)
+        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias, streams)
     return out[:, :q_len]
 
 
 def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...]):
     """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
-    gradients); schedules enter as trace-time constants."""
+    gradients); schedules enter as trace-time constants, dropout streams as an input."""
     fwd_plan, kv_plan, q_plan = plans
 
-    def tables(i):
-        return None if schedules[i] is None else schedules[i].flat()
-
-    def forward(q, k, v, bias):
-        return flash_forward(q, k, v, bias, tables(0), fwd_plan)
-
     @jax.custom_vjp
-    def attend(q, k, v, bias):
-        return forward(q, k, v, bias)[0]
+    def attend(q, k, v, bias, streams):
+        return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)[0]
 
-    def attend_fwd(q, k, v, bias):
-        out, lse = forward(q, k, v, bias)
-        return out, (q, k, v, bias, out, lse)
+    def attend_fwd(q, k, v, bias, streams):
+        out, lse = flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
+        return out, (q, k, v, bias, streams, out, lse)
 
     def attend_bwd(residuals, d_out):
-        q, k, v, bias, out, lse = residuals
-        dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, (tables(1), tables(2)),
+        q, k, v, bias, streams, out, lse = residuals
+        dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
                                     (kv_plan, q_plan))
-        return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
+        return dq, dk, dv, None if bias is None else jnp.zeros_like(bias), None
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend

@@ -5,6 +5,12 @@ Probabilities are recomputed tile by tile from the saved base-2 log-sum-exp:
 ``p = exp2(s - lse)``, ``dv += p^T dO``, ``dp = dO v^T``, ``ds = p (dp - delta)`` with
 ``delta = rowsum(dO * O)``, then ``dk += scale ds^T q`` (one program per key tile, looping over
 query tiles) and ``dq += scale ds k`` (one program per query tile, looping over key tiles).
+
+With dropout (keep mask Z, kept weights scaled by ``1 / (1 - rate)``), FlashAttention-2's
+backward uses the dropped probabilities for ``dv`` and masks ``dp`` the same way; ``delta`` stays
+``rowsum(dO * O)`` of the dropped output, which equals ``rowsum(p * dp)`` of the masked ``dp``.
+Long rows of block-sparse schedules may be split over several programs whose partial sums are
+added afterwards (kernels/pallas_split.py).
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from xformers_zoo.kernels.pallas_common import (
     LOG2_E,
     KernelPlan,
+    TileSchedule,
+    batch_and_head,
     bias_row_spec,
     causal_k_end,
     causal_q_start,
@@ -27,89 +35,128 @@ from xformers_zoo.kernels.pallas_common import (
     dot_nt,
     dot_tn,
     grid,
+    listed_tile,
     locate_row,
     mask_logits,
     read_own,
     row_spec,
+    store_result,
     whole_array_specs,
     whole_bias_spec,
     whole_spec,
-    write_own,
 )
+from xformers_zoo.kernels.pallas_dropout import keep_tile
+from xformers_zoo.kernels.pallas_split import add_partial_sums, partial_outputs
 
 
-def _probabilities_and_score_grads(q, k, v, do, lse, delta, q_tile, k_tile, bias, plan):
-    """For one (query tile, key tile): probabilities p and logit gradients ds, [block_q, block_k]
-    float32 (ds without the softmax scale)."""
+def _probabilities_and_score_grads(q, k, v, do, lse, delta, q_tile, k_tile, bias, stream, plan):
+    """For one (query tile, key tile): the probabilities that weigh the values (dropped, with
+    dropout) and the logit gradients ds, [block_q, block_k] float32 (ds without the softmax
+    scale)."""
     s = dot_nt(q, k, plan) * (plan.scale * LOG2_E)
     s = mask_logits(s, q_tile, k_tile, bias, plan)
     p = jnp.exp2(s - lse[:, None])
     dp = dot_nt(do, v, plan)
+    if plan.dropout_rate:
+        keep = keep_tile(stream, q_tile, k_tile, plan.block_q, plan.block_k, plan.dropout_rate)
+        inverse = 1.0 / (1.0 - plan.dropout_rate)
+        dp = jnp.where(keep, dp * inverse, 0.0)
+        return jnp.where(keep, p * inverse, 0.0), p * (dp - delta[:, None])
     return p, p * (dp - delta[:, None])
 
 
-def _key_value_grads_kernel(*refs, plan: KernelPlan):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+def _unpack(refs, plan: KernelPlan, heads: int):
+    """Splits a backward kernel's refs into (q, k, v, dO, lse, delta), the key bias, the
+    program's dropout stream word, the schedule tables and the outputs."""
+    inputs, rest = refs[:6], list(refs[6:])
     bias_ref = rest.pop(0) if plan.has_bias else None
-    idx_ref, cnt_ref, order_ref = (rest.pop(0) for _ in range(3)) if plan.sparse else [None] * 3
-    dk_ref, dv_ref = rest
-    k_tile, table_row, own = locate_row(plan, plan.k_tiles, plan.block_k, order_ref)
-    k = read_own(k_ref, own)  # [block_k, d]
-    v = read_own(v_ref, own)
-    bias = read_own(bias_ref, own) if plan.has_bias else None  # [block_k]
+    stream = None
+    if plan.dropout_rate:
+        batch, head = batch_and_head(plan)
+        stream = rest.pop(0)[batch * heads + head]
+    tables = [rest.pop(0) for _ in range(plan.table_count)]
+    return inputs, bias_ref, stream, tables, rest
+
+
+def _key_value_grads_kernel(*refs, plan: KernelPlan, heads: int):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs = _unpack(
+        refs, plan, heads)
+    dk_ref, dv_ref, *part_refs = outs  # part_refs: partial dk, dv of split rows
+    work = locate_row(plan, plan.k_tiles, plan.block_k, tables)
+    k_tile = work.tile
+    k = read_own(k_ref, work.own)  # [block_k, d]
+    v = read_own(v_ref, work.own)
+    bias = read_own(bias_ref, work.own) if plan.has_bias else None  # [block_k]
 
     if plan.sparse:
-        start, stop = 0, cnt_ref[table_row]
+        start, stop = work.steps
     else:
         start = 0 if plan.causal_offset is None else causal_q_start(k_tile, plan)
         stop = plan.q_tiles
 
     def visit(step, carry):
         dk, dv = carry
-        q_tile = idx_ref[table_row * plan.max_count + step] if plan.sparse else step
+        q_tile = listed_tile(plan, tables, work, step)
         rows = pl.ds(pl.multiple_of(q_tile * plan.block_q, plan.block_q), plan.block_q)
         q = q_ref[rows, :]
         do = do_ref[rows, :]
         p, ds = _probabilities_and_score_grads(q, k, v, do, lse_ref[rows], delta_ref[rows],
-                                               q_tile, k_tile, bias, plan)
+                                               q_tile, k_tile, bias, stream, plan)
         dv = dv + dot_tn(p.astype(do.dtype), do, plan)
         dk = dk + dot_tn(ds.astype(q.dtype), q, plan)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(start, stop, visit, (zeros, zeros))
-    write_own(dk_ref, own, (dk * plan.scale).astype(dk_ref.dtype))
-    write_own(dv_ref, own, dv.astype(dv_ref.dtype))
+    part_dk, part_dv = part_refs or (None, None)
+    store_result(work, plan.block_k, dk_ref, part_dk, dk * plan.scale)
+    store_result(work, plan.block_k, dv_ref, part_dv, dv)
 
 
-def _query_grads_kernel(*refs, plan: KernelPlan):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    bias_ref = rest.pop(0) if plan.has_bias else None
-    idx_ref, cnt_ref, order_ref = (rest.pop(0) for _ in range(3)) if plan.sparse else [None] * 3
-    (dq_ref,) = rest
-    q_tile, table_row, own = locate_row(plan, plan.q_tiles, plan.block_q, order_ref)
-    q = read_own(q_ref, own)  # [block_q, d]
-    do = read_own(do_ref, own)
-    lse = read_own(lse_ref, own)
-    delta = read_own(delta_ref, own)
+def _query_grads_kernel(*refs, plan: KernelPlan, heads: int):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs = _unpack(
+        refs, plan, heads)
+    dq_ref, *part_refs = outs  # part_refs: partial dq of split rows
+    work = locate_row(plan, plan.q_tiles, plan.block_q, tables)
+    q_tile = work.tile
+    q = read_own(q_ref, work.own)  # [block_q, d]
+    do = read_own(do_ref, work.own)
+    lse = read_own(lse_ref, work.own)
+    delta = read_own(delta_ref, work.own)
 
     if plan.sparse:
-        start, stop = 0, cnt_ref[table_row]
+        start, stop = work.steps
     else:
         start = 0
         stop = plan.k_tiles if plan.causal_offset is None else causal_k_end(q_tile, plan)
 
     def visit(step, dq):
-        k_tile = idx_ref[table_row * plan.max_count + step] if plan.sparse else step
+        k_tile = listed_tile(plan, tables, work, step)
         keys = pl.ds(pl.multiple_of(k_tile * plan.block_k, plan.block_k), plan.block_k)
         k = k_ref[keys, :]
         bias = bias_ref[keys] if plan.has_bias else None
         _, ds = _probabilities_and_score_grads(q, k, v_ref[keys, :], do, lse, delta,
-                                               q_tile, k_tile, bias, plan)
+                                               q_tile, k_tile, bias, stream, plan)
         return dq + dot_nn(ds.astype(k.dtype), k, plan)
 
     dq = lax.fori_loop(start, stop, visit, jnp.zeros(q.shape, jnp.float32))
-    write_own(dq_ref, own, (dq * plan.scale).astype(dq_ref.dtype))
+    store_result(work, plan.block_q, dq_ref, part_refs[0] if part_refs else None,
+                 dq * plan.scale)
+
+
+def _extra_inputs(plan: KernelPlan, streams, schedule: TileSchedule | None) -> list:
+    """The dropout stream words and schedule tables a launch reads by scalar index."""
+    return ([streams] if plan.dropout_rate else []) + (
+        list(schedule.flat()) if plan.sparse else [])
+
+
+def _with_parts(plan: KernelPlan, shape, block: int, out_specs: list, out_shape: list,
+                count: int, head_dim: int) -> None:
+    """Adds ``count`` float32 partial outputs for split rows to a launch's outputs."""
+    if plan.split:
+        size = plan.split_slots * block
+        out_specs += [whole_spec(plan, size, head_dim)] * count
+        out_shape += [partial_outputs(shape, plan.split_slots, block)] * count
 
 
 def flash_backward(
@@ -120,17 +167,19 @@ def flash_backward(
     lse: Float[Array, "b h nq"],
     d_out: Float[Array, "b nq h d"],
     bias: Float[Array, "b nk"] | None,
-    schedules: tuple[tuple[jax.Array, ...] | None, tuple[jax.Array, ...] | None],
+    streams: Int[Array, " bh"] | None,
+    schedules: tuple[TileSchedule | None, TileSchedule | None],
     plans: tuple[KernelPlan, KernelPlan],
 ) -> tuple[Float[Array, "b nq h d"], Float[Array, "b nk h d"], Float[Array, "b nk h d"]]:
     """Gradients of q, k, v over tile-padded inputs. ``plans``: the key/value-gradient and
-    query-gradient kernels' plans; ``schedules``: for sparse plans, their flat tables (query
-    tiles per key tile, key tiles per query tile)."""
+    query-gradient kernels' plans; ``schedules``: for sparse plans, their host schedules (query
+    tiles per key tile, key tiles per query tile); ``streams``: dropout stream words when the
+    plans drop."""
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
     # delta = rowsum(dO * O): one cheap fused XLA reduction, [b, h, nq] float32.
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    (kv_plan, q_plan), (by_key, by_query) = plans, (s or () for s in schedules)
+    (kv_plan, q_plan), (by_key, by_query) = plans, schedules
 
     # Key/value gradients: a program per key tile.
     plan = kv_plan
@@ -141,15 +190,21 @@ def flash_backward(
     if plan.has_bias:
         specs.append(bias_row_spec(plan, plan.block_k, k_len))
         args.append(bias)
-    specs += whole_array_specs(by_key)
-    args += list(by_key)
-    dk, dv = pl.pallas_call(
-        functools.partial(_key_value_grads_kernel, plan=plan),
-        grid=grid(plan, plan.k_tiles, batch, heads), in_specs=specs, out_specs=[k_spec, k_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=plan.compiler_params(), interpret=plan.interpret,
+    extra = _extra_inputs(plan, streams, by_key)
+    specs += whole_array_specs(extra)
+    args += extra
+    out_specs = [k_spec, k_spec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    _with_parts(plan, k.shape, plan.block_k, out_specs, out_shape, 2, head_dim)
+    dk, dv, *parts = pl.pallas_call(
+        functools.partial(_key_value_grads_kernel, plan=plan, heads=heads),
+        grid=grid(plan, plan.k_tiles, batch, heads), in_specs=specs, out_specs=out_specs,
+        out_shape=out_shape, compiler_params=plan.compiler_params(), interpret=plan.interpret,
         name="flash_backward_dkdv",
     )(*args)
+    if plan.split:
+        dk = add_partial_sums(dk, parts[0], by_key.split, plan.block_k)
+        dv = add_partial_sums(dv, parts[1], by_key.split, plan.block_k)
 
     # Query gradients: a program per query tile.
     plan = q_plan
@@ -161,13 +216,17 @@ def flash_backward(
     if plan.has_bias:
         specs.append(whole_bias_spec(plan, k_len))
         args.append(bias)
-    specs += whole_array_specs(by_query)
-    args += list(by_query)
-    dq = pl.pallas_call(
-        functools.partial(_query_grads_kernel, plan=plan),
-        grid=grid(plan, plan.q_tiles, batch, heads), in_specs=specs, out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plan.compiler_params(), interpret=plan.interpret,
+    extra = _extra_inputs(plan, streams, by_query)
+    specs += whole_array_specs(extra)
+    args += extra
+    out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    _with_parts(plan, q.shape, plan.block_q, out_specs, out_shape, 1, head_dim)
+    dq, *parts = pl.pallas_call(
+        functools.partial(_query_grads_kernel, plan=plan, heads=heads),
+        grid=grid(plan, plan.q_tiles, batch, heads), in_specs=specs, out_specs=out_specs,
+        out_shape=out_shape, compiler_params=plan.compiler_params(), interpret=plan.interpret,
         name="flash_backward_dq",
     )(*args)
+    if plan.split:
+        dq = add_partial_sums(dq, parts[0], by_query.split, plan.block_q)
     return dq, dk, dv

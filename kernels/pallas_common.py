@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,20 @@ class KernelPlan:
     num_warps: int
     num_stages: int
     interpret: bool
+    programs: int = 0
+    split_slots: int = 0
+    dropout_rate: float = 0.0
+
+    @property
+    def split(self) -> bool:
+        """Whether programs walk segments of rows and may write partial results."""
+        return self.split_slots > 0
+
+    @property
+    def table_count(self) -> int:
+        """How many schedule tables the kernels take: none (dense), (indices, counts, order), or
+        (indices, programs) when rows are split."""
+        return 0 if not self.sparse else 2 if self.split else 3
 
     @property
     def masked(self) -> bool:
@@ -70,25 +85,58 @@ class KernelPlan:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+# Slot values in a split schedule's program table: the program writes its whole row's result
+# directly, or it is padding (heads with fewer programs than the widest head) and writes nothing.
+WHOLE_ROW = -1
+NO_WRITE = -2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowSplit:
+    """Long schedule rows cut into segments, one program each (host data, numpy).
+
+    ``programs [heads, P, 4]``: per program (row tile, first step, end step, slot), walked in
+    this order; slot ``WHOLE_ROW`` writes the row's output itself, a slot >= 0 writes partial
+    results to that row tile of the extra outputs, ``NO_WRITE`` is padding. ``rows [heads, R]``:
+    the split rows (-1 pads), ``parts [heads, R, S]``: their segments' slots (-1 pads).
+    ``slots``: row tiles of the extra outputs.
+    """
+
+    programs: np.ndarray
+    rows: np.ndarray
+    parts: np.ndarray
+    slots: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TileSchedule:
     """For each (head, row tile), the column tiles to visit: ``indices [heads, rows, max_count]``
     (unused slots repeat a valid index) and ``counts [heads, rows]``; ``order [heads, rows]``
     lists rows by falling count, so the longest rows (e.g. global tokens) start first and the
-    short ones fill in behind them. Host data (numpy)."""
+    short ones fill in behind them. ``split``: the long rows' segments, if any were cut. Host
+    data (numpy)."""
 
     indices: np.ndarray
     counts: np.ndarray
     order: np.ndarray
+    split: RowSplit | None = None
 
     @property
     def max_count(self) -> int:
         """Width of ``indices``: the most tiles any row visits (at least 1)."""
         return self.indices.shape[-1]
 
-    def flat(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The three tables as flat int32 arrays for scalar reads inside a kernel."""
-        return tuple(jnp.asarray(t.reshape(-1)) for t in (self.indices, self.counts, self.order))
+    @property
+    def programs(self) -> int:
+        """Programs per head of a launch over this schedule."""
+        return self.order.shape[-1] if self.split is None else self.split.programs.shape[1]
+
+    def flat(self) -> tuple[jax.Array, ...]:
+        """The tables (``KernelPlan.table_count`` of them) as flat int32 arrays for scalar reads
+        inside a kernel."""
+        tables = ((self.indices, self.counts, self.order) if self.split is None
+                  else (self.indices, self.split.programs))
+        return tuple(jnp.asarray(t.reshape(-1)) for t in tables)
 
 
 def tile_visibility(block_mask: BlockMask, block_q: int, block_k: int, q_tiles: int,
@@ -129,9 +177,14 @@ def schedule_from_visibility(visible: np.ndarray) -> TileSchedule:
 
 def grid(plan: KernelPlan, rows: int, batch: int, heads: int) -> tuple[int, int, int]:
     """Dense launches put the row tile first (the fastest-launched axis), so the programs that
-    share one head's keys run together; sparse launches put it last and walk rows in schedule
-    order, longest first, for every head at once."""
-    return (heads, batch, rows) if plan.sparse else (rows, batch, heads)
+    share one head's keys run together; sparse launches put it last and walk rows (or row
+    segments) in schedule order, longest first, for every head at once."""
+    return (heads, batch, plan.programs) if plan.sparse else (rows, batch, heads)
+
+
+def batch_and_head(plan: KernelPlan):
+    """This program's batch entry and head, for either grid order."""
+    return pl.program_id(1), pl.program_id(0 if plan.sparse else 2)
 
 
 def index_map(plan: KernelPlan, fn):
@@ -172,14 +225,57 @@ def whole_spec(plan: KernelPlan, length: int, head_dim: int | None = None):
     return pl.BlockSpec((None, None, length), index_map(plan, lambda t, b, h: (b, h, 0)))
 
 
-def locate_row(plan: KernelPlan, rows: int, block: int, order_ref):
-    """This program's row tile, its row in the schedule tables (sparse) and the slice of its
-    rows in whole-length refs (sparse; None for dense, whose refs are already the tile)."""
+class RowProgram(NamedTuple):
+    """What one program works on: its row ``tile``; for sparse plans the row's index in the
+    schedule tables (``table_row``), the slice of its rows in whole-length refs (``own``) and the
+    ``steps`` (first, end) of its list to walk; for split plans the ``slot`` it writes to."""
+
+    tile: jax.Array
+    table_row: jax.Array | None = None
+    own: pl.Slice | None = None
+    steps: tuple | None = None
+    slot: jax.Array | None = None
+
+
+def locate_row(plan: KernelPlan, rows: int, block: int, tables) -> RowProgram:
+    """This program's row (or row segment) from the program id and, for sparse plans, the
+    schedule tables (refs, ``plan.table_count`` of them)."""
     if not plan.sparse:
-        return pl.program_id(0), None, None
-    base = (pl.program_id(0) if plan.schedule_heads > 1 else 0) * rows
-    tile = order_ref[base + pl.program_id(2)]
-    return tile, base + tile, pl.ds(pl.multiple_of(tile * block, block), block)
+        return RowProgram(pl.program_id(0))
+    head = pl.program_id(0) if plan.schedule_heads > 1 else 0
+    if plan.split:
+        entry = (head * plan.programs + pl.program_id(2)) * 4
+        programs_ref = tables[1]
+        tile = programs_ref[entry]
+        steps = (programs_ref[entry + 1], programs_ref[entry + 2])
+        slot = programs_ref[entry + 3]
+    else:
+        tile = tables[2][head * rows + pl.program_id(2)]
+        steps, slot = (0, tables[1][head * rows + tile]), None
+    own = pl.ds(pl.multiple_of(tile * block, block), block)
+    return RowProgram(tile, head * rows + tile, own, steps, slot)
+
+
+def listed_tile(plan: KernelPlan, tables, work: RowProgram, step):
+    """The column tile at ``step`` of the program's row list (sparse), or ``step`` (dense)."""
+    return tables[0][work.table_row * plan.max_count + step] if plan.sparse else step
+
+
+def store_result(work: RowProgram, block: int, ref, part_ref, value) -> None:
+    """Writes a program's result: to its own row tile of ``ref``, or, for a segment of a split
+    row, as a partial result to its slot of ``part_ref``; padding programs write nothing."""
+    if work.slot is None:
+        write_own(ref, work.own, value.astype(ref.dtype))
+        return
+
+    @pl.when(work.slot == WHOLE_ROW)
+    def _():
+        write_own(ref, work.own, value.astype(ref.dtype))
+
+    @pl.when(work.slot >= 0)
+    def _():
+        part_ref[pl.ds(pl.multiple_of(work.slot * block, block), block)] = (
+            value.astype(part_ref.dtype))
 
 
 def read_own(ref, own):

@@ -1,13 +1,19 @@
 """Block-mask builders (kernels/masks.py) against their element-level definitions, and the tile
 schedules the Pallas kernels run from: they list exactly the marked tiles, so the work grows
-with the number of non-empty tiles."""
+with the number of non-empty tiles, and long rows split into segments that cover each row once."""
 
 import numpy as np
 import pytest
 
 from xformers_zoo.kernels import masks
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.pallas_common import schedule_from_visibility, tile_visibility
+from xformers_zoo.kernels.pallas_common import (
+    NO_WRITE,
+    WHOLE_ROW,
+    schedule_from_visibility,
+    tile_visibility,
+)
+from xformers_zoo.kernels.pallas_split import split_long_rows, step_bound
 
 
 def tiles_holding(element_mask: np.ndarray, block: int) -> np.ndarray:
@@ -97,3 +103,44 @@ def test_causal_visibility_drops_tiles_above_the_diagonal():
     np.testing.assert_array_equal(visible[0], np.tril(np.ones((4, 4), bool)))
     with pytest.raises(ValueError, match="divide"):
         tile_visibility(masks.dense(256, 32), 64, 64, 4, 4, causal_offset=None)
+
+
+def test_split_segments_cover_each_row_once():
+    rng = np.random.default_rng(1)
+    visible = rng.random((2, 9, 20)) < 0.15
+    visible[0, 0] = True  # a global row of 20 tiles: 5 segments of 4
+    visible[1, 3, :13] = True  # 13 tiles: 4 segments of at most 4
+    sched = schedule_from_visibility(visible)
+    split = split_long_rows(sched, max_steps=4).split
+    for h in range(2):
+        steps = {r: [] for r in range(9)}
+        for row, first, end, slot in split.programs[h]:
+            if slot != NO_WRITE:
+                assert 0 < end - first <= 4 or sched.counts[h, row] == 0
+                steps[row] += list(range(first, end))
+        for r in range(9):
+            assert sorted(steps[r]) == list(range(sched.counts[h, r]))  # once each
+        split_rows = {int(r) for r in split.rows[h] if r >= 0}
+        assert split_rows == {r for r in range(9) if sched.counts[h, r] > 4}
+        for r, slots in zip(split.rows[h], split.parts[h], strict=True):
+            programs = split.programs[h]
+            listed = programs[(programs[:, 0] == r) & (programs[:, 3] != NO_WRITE)]
+            if r >= 0:
+                np.testing.assert_array_equal(np.sort(listed[:, 3]), slots[slots >= 0])
+        used = split.programs[h][split.programs[h][:, 3] >= 0, 3]
+        assert len(set(used)) == len(used) and used.max() < split.slots
+        whole = split.programs[h][split.programs[h][:, 3] == WHOLE_ROW, 0]
+        assert not split_rows & set(whole)
+    segments = [sum(-(-int(c) // 4) for c in counts if c > 4) for counts in sched.counts]
+    assert split.slots == max(segments)
+
+
+def test_split_bound_leaves_even_rows_alone():
+    even = schedule_from_visibility(tile_visibility(masks.sliding_window(2048, 256, 64), 64, 64,
+                                                    32, 32, None))
+    assert split_long_rows(even).split is None  # dense-like rows: no extra programs
+    assert split_long_rows(even, max_steps=0).split is None
+    assert step_bound(np.array([[0, 3, 5, 5, 40]]), None) == 20  # 4 x median of non-empty rows
+    assert step_bound(np.array([[1, 1, 1, 40]]), None) == 8  # at least 8 steps
+    with pytest.raises(ValueError, match="max_steps must be >= 0"):
+        split_long_rows(even, max_steps=-1)

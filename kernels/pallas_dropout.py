@@ -1,0 +1,93 @@
+"""Attention dropout inside the Pallas kernels from a counter-based hash.
+
+Whether attention weight (batch, head, query i, key j) is kept is a pure function of (seed,
+batch, head, i, j), as in counter-based generators (Salmon et al. 2011, "Parallel random numbers:
+as easy as 1, 2, 3"): the forward and both backward kernels recompute the same decisions tile by
+tile, so no N x N mask is stored (FlashAttention, Dao et al. 2022, section 3.1, does the same with
+Philox). The hash is MurmurHash3's 32-bit finaliser (Appleby), a bijection with full avalanche,
+applied in three stages so that the per-element cost is one finaliser:
+
+    stream(b, h) = fmix(fmix((b * heads + h) * C1 ^ seed0) ^ seed1)     (once per program, in XLA)
+    row(i)       = fmix(stream ^ i * C2)                                 (once per query row)
+    bits(i, j)   = fmix(row(i) ^ j * C3)                                 (per element)
+
+and the weight is kept when the top 31 bits of ``bits`` reach ``rate * 2^31``. Everything is
+int32 arithmetic with wrap-around and logical shifts (the same bits as uint32), which Pallas'
+Triton lowering and interpret mode both execute exactly. ``keep_mask`` materialises the same
+decisions for tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Bool, Int
+
+
+def _int32(value: int) -> np.int32:
+    """A uint32 constant as the int32 with the same bits."""
+    return np.array(value, np.uint32).view(np.int32)[()]
+
+
+_FMIX_1, _FMIX_2 = _int32(0x85EBCA6B), _int32(0xC2B2AE35)
+_STREAM, _ROW, _COLUMN = _int32(0x9E3779B9), _int32(0x7FEB352D), _int32(0x846CA68B)
+
+
+def _shift(x, bits: int):
+    return lax.shift_right_logical(x, jnp.full_like(x, bits))
+
+
+def fmix(x: Int[Array, "..."]) -> Int[Array, "..."]:
+    """MurmurHash3's 32-bit finaliser on int32 bits (wrapping multiplies, logical shifts)."""
+    x = x ^ _shift(x, 16)
+    x = x * _FMIX_1
+    x = x ^ _shift(x, 13)
+    x = x * _FMIX_2
+    return x ^ _shift(x, 16)
+
+
+def seed_words(dropout_rng: jax.Array) -> Int[Array, " 2"]:
+    """Two int32 seed words drawn from a JAX PRNG key (typed or raw)."""
+    return lax.bitcast_convert_type(jax.random.bits(dropout_rng, (2,), jnp.uint32), jnp.int32)
+
+
+def head_streams(seed: Int[Array, " 2"], batch: int, heads: int) -> Int[Array, " bh"]:
+    """Per (batch, head) stream words ``[batch * heads]``, entry ``b * heads + h``."""
+    index = jnp.arange(batch * heads, dtype=jnp.int32)
+    return fmix(fmix(index * _STREAM ^ seed[0]) ^ seed[1])
+
+
+def threshold(rate: float) -> int:
+    """Keep threshold on the top 31 hash bits: P(bits >= t) = 1 - t / 2^31, about 1 - rate."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
+    return min(int(round(rate * 2**31)), 2**31 - 1)
+
+
+def keep_bits(stream, rows: Int[Array, " q"], cols: Int[Array, " k"],
+              rate: float) -> Bool[Array, "q k"]:
+    """Keep decisions for query positions ``rows`` x key positions ``cols`` of one stream."""
+    row = fmix(stream ^ rows * _ROW)  # [q]
+    bits = fmix(row[:, None] ^ (cols * _COLUMN)[None, :])  # [q, k]
+    return _shift(bits, 1) >= threshold(rate)
+
+
+def keep_tile(stream, q_tile, k_tile, block_q: int, block_k: int,
+              rate: float) -> Bool[Array, "bq bk"]:
+    """In-kernel keep decisions for one (query tile, key tile)."""
+    rows = q_tile * block_q + lax.iota(jnp.int32, block_q)
+    cols = k_tile * block_k + lax.iota(jnp.int32, block_k)
+    return keep_bits(stream, rows, cols, rate)
+
+
+def keep_mask(dropout_rng: jax.Array, rate: float, batch: int, heads: int, q_len: int,
+              k_len: int) -> Bool[Array, "b h q k"]:
+    """The keep decisions the kernels apply for ``dropout_rng`` and ``rate``, materialised as
+    ``[batch, heads, q_len, k_len]`` bool (N x N: for tests at small lengths)."""
+    streams = head_streams(seed_words(dropout_rng), batch, heads).reshape(batch, heads)
+    rows = jnp.arange(q_len, dtype=jnp.int32)
+    cols = jnp.arange(k_len, dtype=jnp.int32)
+    per_stream = jax.vmap(lambda s: keep_bits(s, rows, cols, rate))
+    return per_stream(streams.reshape(-1)).reshape(batch, heads, q_len, k_len)
