@@ -20,7 +20,8 @@ def cudnn_rejects(call: AttentionCall) -> str | None:
     if call.block_mask is not None:
         return "block masks are not supported"
     if call.dropout_rate > 0.0:
-        return "attention dropout is not supported"
+        return ("attention dropout is not supported (the pallas kernels apply it in-kernel; xla "
+                "materialises the N x N weights)")
     if call.causal and call.q_len != call.k_len:
         return ("causal masks with q_len != k_len: cuDNN aligns them top-left, the other "
                 "implementations bottom-right")

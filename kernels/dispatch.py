@@ -118,8 +118,9 @@ def dot_product_attention(
     if skipped and key not in _explained:
         _explained.add(key)
         # On a GPU, passing over the first choice changes speed and memory a lot (attention
-        # dropout sends cuDNN-bound runs to the dense path): say so where users look. Elsewhere
-        # the GPU implementations are expected to step aside.
+        # dropout sends cuDNN-bound runs to the pallas kernels when listed, else to the dense
+        # XLA path): say so where users look. Elsewhere the GPU implementations are expected to
+        # step aside.
         first_skipped = skipped[0][0] == implementation[0]
         level = logging.WARNING if first_skipped and call.backend == "gpu" else logging.INFO
         for name, reason in skipped:

@@ -14,7 +14,8 @@ from xformers_zoo.variants import Capabilities, register_variant
 @dataclasses.dataclass(frozen=True)
 class FlashConfig(FullConfig):
     """``full``'s config with the Pallas kernels tried first; each implementation passed over is
-    logged with its reason (e.g. no GPU, attention dropout), then cuDNN and XLA serve."""
+    logged with its reason (e.g. no GPU), then cuDNN and XLA serve. Attention dropout runs inside
+    the kernels."""
 
     implementation: tuple[str, ...] = ("pallas", "cudnn", "xla")
 
