@@ -1,5 +1,6 @@
 """The attention implementations ``xformers-zoo bench kernels`` compares, each behind one
-factory ``(b, n, h, d, block_mask=None, tiles=None) -> (attend(q, k, v) | None, skip reason)``."""
+factory ``(b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0) -> (attend(q, k, v) | None,
+skip reason)``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from xformers_zoo.kernels.xla import xla_attention
 
 # The dense reference materialises float32 logits and probabilities (and their gradients).
 XLA_BYTES_LIMIT = 40e9
+# Implementations that apply attention dropout.
+DROPOUT_IMPLS = ("pallas", "xla")
+
+
+def _dropout_key(rate: float):
+    """A fixed key (timed calls stay comparable), or None without dropout."""
+    return jax.random.key(0) if rate else None
 
 
 def make_inputs(b: int, n: int, h: int, d: int, *, seed: int):
@@ -26,15 +34,16 @@ def parse_tiles(text: str) -> FlashTiles:
     """``"q,k,warps,stages/.../..."`` (forward / key-value grads / query grads) to FlashTiles."""
     passes = [PassTiles(*map(int, part.split(","))) for part in text.split("/")]
     if len(passes) != 3:
-        raise ValueError(f"tiles must read 'q,k,warps,stages' three times, '/'-separated; "
-                         f"got {text!r}")
+        raise ValueError(f"tiles must read 'q,k,warps,stages[,max_steps]' three times, "
+                         f"'/'-separated; got {text!r}")
     return FlashTiles(*passes)
 
 
-def pallas(*, b, n, h, d, block_mask=None, tiles=None):
+def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0):
     del b, n, h
-    return (lambda q, k, v: pallas_attention(q, k, v, block_mask=block_mask, tiles=tiles,
-                                             scale=d**-0.5)), None
+    return (lambda q, k, v: pallas_attention(
+        q, k, v, block_mask=block_mask, tiles=tiles, scale=d**-0.5, dropout_rate=dropout_rate,
+        dropout_rng=_dropout_key(dropout_rate))), None
 
 
 def cudnn(*, b, n, h, d, **_):
@@ -42,11 +51,14 @@ def cudnn(*, b, n, h, d, **_):
     return (lambda q, k, v: cudnn_attention(q, k, v, scale=d**-0.5)), None
 
 
-def xla(*, b, n, h, d, **_):
-    need = 3 * b * h * n * n * 4
+def xla(*, b, n, h, d, dropout_rate=0.0, **_):
+    # Logits, probabilities and their gradients (plus the keep mask and dropped weights).
+    need = (5 if dropout_rate else 3) * b * h * n * n * 4
     if need > XLA_BYTES_LIMIT:
         return None, f"N x N float32 intermediates need about {need / 1e9:.0f} GB"
-    return (lambda q, k, v: xla_attention(q, k, v, scale=d**-0.5)), None
+    return (lambda q, k, v: xla_attention(
+        q, k, v, scale=d**-0.5, dropout_rate=dropout_rate,
+        dropout_rng=_dropout_key(dropout_rate))), None
 
 
 def jax_triton(*, b, n, h, d, **_):

@@ -7,7 +7,8 @@ Pallas attentions (Triton ``mha`` and Mosaic GPU ``attention_mgpu``), reports TF
 (4 B H N^2 D forward, 2.5x that backward), the compiled program's device memory, and two floors:
 FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwidth. A second
 table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
-a PNG plot. Runs as ``python -m xformers_zoo.train.bench_kernels`` or as a script.
+a PNG plot. ``--dropout-rate`` adds rows with attention dropout for the implementations that
+take it (pallas, xla). Runs as ``python -m xformers_zoo.train.bench_kernels`` or as a script.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xformers_zoo.kernels import masks
-from xformers_zoo.kernels.bench_impls import IMPLS, make_inputs, parse_tiles
+from xformers_zoo.kernels.bench_impls import DROPOUT_IMPLS, IMPLS, make_inputs, parse_tiles
 from xformers_zoo.kernels.bench_report import write_markdown, write_plot
 
 
@@ -97,6 +98,14 @@ def measure(impl: str, attend, inputs, *, flops: float, bytes_fwd: float, bytes_
     return row
 
 
+def _variants(args) -> list[tuple[str, float]]:
+    """(implementation[@tiles], dropout rate) of every dense row of one shape."""
+    plain = [(impl, 0.0) for impl in [*args.impls, *(f"pallas@{t}" for t in args.pallas_tiles)]]
+    dropped = [(impl, args.dropout_rate) for impl in args.impls
+               if args.dropout_rate > 0.0 and impl in DROPOUT_IMPLS]
+    return plain + dropped
+
+
 def dense_rows(args, ceil) -> list[dict]:
     rows = []
     for n in args.seq_lens:
@@ -105,10 +114,11 @@ def dense_rows(args, ceil) -> list[dict]:
             inputs = make_inputs(b, n, h, d, seed=n + d)
             flops = 4.0 * b * h * n * n * d
             elem = b * n * h * d * 2  # bytes of one bf16 [b, n, h, d] tensor
-            for impl in [*args.impls, *(f"pallas@{t}" for t in args.pallas_tiles)]:
+            for impl, rate in _variants(args):
                 name, _, tiles = impl.partition("@")
-                attend, skip = IMPLS[name](b=b, n=n, h=h, d=d,
+                attend, skip = IMPLS[name](b=b, n=n, h=h, d=d, dropout_rate=rate,
                                            tiles=parse_tiles(tiles) if tiles else None)
+                impl = f"{impl}+dropout{rate:g}" if rate else impl
                 row = {"n": n, "d": d, "batch": b, "heads": h}
                 if skip:
                     rows.append(row | {"impl": impl, "skipped": skip})
@@ -130,12 +140,15 @@ def sparse_rows(args, ceil) -> list[dict]:
     for window in args.windows:
         bm = masks.union(masks.sliding_window(n, window, block), masks.global_tokens(n, 2, block))
         flops = 4.0 * b * h * n * n * d * bm.density
-        for tiles in [None, *args.sparse_tiles]:
-            attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm,
+        variants = [(t, 0.0) for t in [None, *args.sparse_tiles]]
+        variants += [(None, args.dropout_rate)] if args.dropout_rate > 0.0 else []
+        for tiles, rate in variants:
+            attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm, dropout_rate=rate,
                                         tiles=parse_tiles(tiles) if tiles else None)
             row = {"n": n, "d": d, "batch": b, "heads": h, "window": window,
                    "density": bm.density}
-            row |= measure("pallas-sparse" + (f"@{tiles}" if tiles else ""), attend, inputs,
+            name = "pallas-sparse" + (f"@{tiles}" if tiles else "")
+            row |= measure(name + (f"+dropout{rate:g}" if rate else ""), attend, inputs,
                            flops=flops, bytes_fwd=4 * elem, bytes_bwd=8 * elem, ceil=ceil,
                            repeats=args.repeats)
             rows.append(row)
@@ -150,7 +163,9 @@ def parse_args(argv):
     p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--pallas-tiles", nargs="*", default=[],
-                   help="extra pallas rows: 'q,k,warps,stages' for forward/kv grads/q grads")
+                   help="extra pallas rows: 'q,k,warps,stages[,max_steps]' for forward/kv "
+                        "grads/q grads, '/'-separated (max_steps: split block-sparse rows "
+                        "longer than that; 0 never)")
     p.add_argument("--tokens", type=int, default=16384, help="batch x length per shape")
     p.add_argument("--width", type=int, default=1024, help="heads x head_dim per shape")
     p.add_argument("--repeats", type=int, default=10)
@@ -158,6 +173,9 @@ def parse_args(argv):
     p.add_argument("--windows", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--sparse-tiles", nargs="*", default=[],
                    help="extra block-sparse rows with other tiles (as --pallas-tiles)")
+    p.add_argument("--dropout-rate", type=float, default=0.0,
+                   help="also time pallas and xla with this attention dropout (dense rows, "
+                        "and default-tile block-sparse rows)")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--name", default="bench_kernels", help="file stem of the outputs")
     return p.parse_args(argv)
