@@ -6,8 +6,9 @@
    plus writing, start-up included) of a set of the same size. Full 200K-image times are
    extrapolated from these rates, not measured.
 2. The grain input pipeline at each task's LRA length: examples per second of training batches
-   (shuffle, pad, mask, batch) read back from a small built data set (generated, or written in
-   the official formats for Text, Retrieval and Image).
+   (shuffle, pad, mask, batch, assembled by the config's loader workers) read back from a small
+   built data set (generated, or written in the official formats for Text, Retrieval and
+   Image). ``bench loader`` sets these rates beside the training step on an accelerator.
 
 Writes JSON and Markdown to ``--out``. Runs as ``python -m xformers_zoo.train.bench_data``.
 """
@@ -101,8 +102,18 @@ def time_build(size: int, workers: int, scale: float, root: Path) -> dict:
             "build_full_set_minutes_extrapolated": (startup + FULL_SET / rate) / 60}
 
 
-def _pipeline_config(task: str, root: Path, rng: np.random.Generator):
-    """A small built data set of ``task`` at its LRA length, and the public batch size."""
+def machine() -> dict:
+    """The host and its load, written beside every data-layer figure."""
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            # other work on the machine slows every number down
+            "load_average_at_start": os.getloadavg()[0]}
+
+
+def pipeline_config(task: str, root: Path, rng: np.random.Generator,
+                    overrides: dict | None = None):
+    """The public config of ``task`` (with ``overrides``) reading a small data set at the task's
+    LRA length, written under ``root`` (generated, or in the official formats)."""
     from xformers_zoo.configs import resolve_config
     from xformers_zoo.data import fixtures
     from xformers_zoo.tasks import TASKS
@@ -121,28 +132,41 @@ def _pipeline_config(task: str, root: Path, rng: np.random.Generator):
     elif task == "image":
         fixtures.write_cifar(manual, rng, per_batch=100, n_test=50)
     batch_size = resolve_config(task, "full").train.batch_size
-    overrides = {"data.data_dir": str(root / "data"), "data.manual_dir": str(manual),
-                 "data.train_size": max(batch_size, 64 if task == "path256" else 256),
-                 "data.val_size": 8, "data.test_size": 8}
-    return resolve_config(task, "full", overrides=overrides)
+    small = {"data.data_dir": str(root / "data"), "data.manual_dir": str(manual),
+             "data.train_size": max(batch_size, 64 if task == "path256" else 256),
+             "data.val_size": 8, "data.test_size": 8}
+    return resolve_config(task, "full", overrides=small | (overrides or {}))
 
 
-def time_pipeline(task: str, root: Path, seconds: float) -> dict:
-    """Examples per second of ``task``'s training batches at its LRA length."""
+def batches_per_second(data_config, batch_size: int, seconds: float) -> float:
+    """Training batches per second read from the pipeline of ``data_config`` (built), timed
+    after the first batch so that loader worker start-up is left out."""
     from xformers_zoo import data
 
-    config = _pipeline_config(task, root / task, np.random.default_rng(0))
-    data.prepare(config.data)
-    batch_size = config.train.batch_size
-    iterator = iter(data.train_dataset(config.data, batch_size, seed=0))
+    iterator = iter(data.train_dataset(data_config, batch_size, seed=0))
     next(iterator)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = next(iterator)
-        count += batch["label"].shape[0]
+        next(iterator)
+        count += 1
     rate = count / (time.perf_counter() - start)
-    return {"task": task, "length": int(batch["inputs"].shape[-1]), "batch_size": batch_size,
-            "examples_per_s": rate, "batches_per_s": rate / batch_size}
+    iterator.close()  # stops loader workers
+    return rate
+
+
+def time_pipeline(task: str, root: Path, seconds: float) -> dict:
+    """Examples per second of ``task``'s training batches at its LRA length (with the
+    config's loader workers)."""
+    from xformers_zoo import data
+    from xformers_zoo.data.sources import effective_length
+
+    config = pipeline_config(task, root / task, np.random.default_rng(0))
+    data.prepare(config.data)
+    batch_size = config.train.batch_size
+    rate = batches_per_second(config.data, batch_size, seconds)
+    return {"task": task, "length": effective_length(config.data), "batch_size": batch_size,
+            "loader_workers": config.data.loader_workers,
+            "examples_per_s": rate * batch_size, "batches_per_s": rate}
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -170,11 +194,21 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{r['build_full_set_minutes_extrapolated']:.1f} |")
     if result["pipeline"]:
         lines += ["", "## grain pipeline (training batches)", "",
-                  "| task | length | batch | examples/s | batches/s |", "|---|---|---|---|---|"]
+                  "| task | length | batch | loader workers | examples/s | batches/s |",
+                  "|---|---|---|---|---|---|"]
         for r in result["pipeline"]:
             lines.append(f"| {r['task']} | {r['length']} | {r['batch_size']} | "
-                         f"{r['examples_per_s']:.0f} | {r['batches_per_s']:.1f} |")
+                         f"{r['loader_workers']} | {r['examples_per_s']:.0f} | "
+                         f"{r['batches_per_s']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_results(result: dict, out: Path, markdown) -> None:
+    """Writes ``result`` to ``out``.json and, through ``markdown(result, path)``, ``out``.md."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown(result, out.with_suffix(".md"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join(["python -m xformers_zoo.train.bench_data", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-                    "python": platform.python_version(),
-                    # other work on the machine slows every number down
-                    "load_average_at_start": os.getloadavg()[0]},
+        "machine": machine(),
         "jax_version": jax.__version__, "numpy_version": np.__version__,
         "generation": [], "pipeline": [],
     }
@@ -218,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             row = time_pipeline(task, Path(tmp), args.seconds)
             result["pipeline"].append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, out.with_suffix(".md"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(result, Path(args.out), write_markdown)
     return 0
 
 

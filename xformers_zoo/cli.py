@@ -17,6 +17,7 @@ DELEGATED = {
     ("bench", "kernels"): "xformers_zoo.train.bench_kernels",
     ("bench", "data"): "xformers_zoo.train.bench_data",
     ("bench", "memory"): "xformers_zoo.train.bench_memory",
+    ("bench", "loader"): "xformers_zoo.train.bench_loader",
     ("data", "show"): "xformers_zoo.data.show",
 }
 
@@ -153,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or their final.json files")
     p.set_defaults(func=cmd_table)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory")
+    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    for name in ("kernels", "data", "memory"):
+    for name in ("kernels", "data", "memory", "loader"):
         bench_sub.add_parser(name, add_help=False)
     return parser
 
