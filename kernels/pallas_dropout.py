@@ -4,17 +4,25 @@ Whether attention weight (batch, head, query i, key j) is kept is a pure functio
 batch, head, i, j), as in counter-based generators (Salmon et al. 2011, "Parallel random numbers:
 as easy as 1, 2, 3"): the forward and both backward kernels recompute the same decisions tile by
 tile, so no N x N mask is stored (FlashAttention, Dao et al. 2022, section 3.1, does the same with
-Philox). The hash is MurmurHash3's 32-bit finaliser (Appleby), a bijection with full avalanche,
-applied in three stages so that the per-element cost is one finaliser:
+Philox). MurmurHash3's 32-bit finaliser (``fmix``, Appleby; a bijection with full avalanche) gives
+every (batch, head) a stream word, and within it every query row an odd key and every key column
+an odd multiplier:
 
     stream(b, h) = fmix(fmix((b * heads + h) * C1 ^ seed0) ^ seed1)     (once per program, in XLA)
-    row(i)       = fmix(stream ^ i * C2)                                 (once per query row)
-    bits(i, j)   = fmix(row(i) ^ j * C3)                                 (per element)
+    row(i)       = fmix(stream ^ i * C2) | 1                             (once per query row)
+    column(j)    = fmix(fmix(stream ^ j * C3)) | 1                       (once per key column)
+    bits(i, j)   = row(i) * column(j)  (mod 2^32)                        (per element)
 
-and the weight is kept when the top 31 bits of ``bits`` reach ``rate * 2^31``. Everything is
-int32 arithmetic with wrap-around and logical shifts (the same bits as uint32), which Pallas'
-Triton lowering and interpret mode both execute exactly. ``keep_mask`` materialises the same
-decisions for tests.
+The weight is kept when ``bits`` (read as a signed int32, uniform over its range) reaches
+``rate * 2^32 - 2^31``. The per-element product is multiply-shift hashing (Dietzfelbinger et al.
+1997, "A reliable randomized algorithm for the closest-pair problem"): for a random odd
+multiplier the top bits of the product are universal over keys, so decisions of different rows
+under one column, and of one row under different columns, behave as independent draws (the tests
+check the kept fraction, neighbour agreement and 2 x 2 patterns). One multiply, compare and select
+per element replace a full hash per element, which cost more than the kernels' own per-element
+work (kernels/NOTES.md, v5). Everything is int32 arithmetic with wrap-around and logical shifts
+(the same bits as uint32), which Pallas' Triton lowering and interpret mode both execute exactly.
+``keep_mask`` materialises the same decisions for tests.
 """
 
 from __future__ import annotations
@@ -60,18 +68,19 @@ def head_streams(seed: Int[Array, " 2"], batch: int, heads: int) -> Int[Array, "
 
 
 def threshold(rate: float) -> int:
-    """Keep threshold on the top 31 hash bits: P(bits >= t) = 1 - t / 2^31, about 1 - rate."""
+    """Keep threshold on the signed 32-bit ``bits``: P(bits >= t) = 1 - (t + 2^31) / 2^32,
+    within 2^-32 of 1 - rate."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
-    return min(int(round(rate * 2**31)), 2**31 - 1)
+    return min(int(round(rate * 2**32)), 2**32 - 1) - 2**31
 
 
 def keep_bits(stream, rows: Int[Array, " q"], cols: Int[Array, " k"],
               rate: float) -> Bool[Array, "q k"]:
     """Keep decisions for query positions ``rows`` x key positions ``cols`` of one stream."""
-    row = fmix(stream ^ rows * _ROW)  # [q]
-    bits = fmix(row[:, None] ^ (cols * _COLUMN)[None, :])  # [q, k]
-    return _shift(bits, 1) >= threshold(rate)
+    row = fmix(stream ^ rows * _ROW) | 1  # [q] odd keys
+    column = fmix(fmix(stream ^ cols * _COLUMN)) | 1  # [k] odd multipliers
+    return row[:, None] * column[None, :] >= threshold(rate)  # [q, k]
 
 
 def keep_tile(stream, q_tile, k_tile, block_q: int, block_k: int,

@@ -187,6 +187,9 @@ def test_dropout_keep_mask_statistics():
     agree = (1 - rate) ** 2 + rate**2
     assert abs((keep[..., 1:] == keep[..., :-1]).mean() - agree) < 5e-3
     assert abs((keep[..., 1:, :] == keep[..., :-1, :]).mean() - agree) < 5e-3
+    # 2 x 2 neighbourhoods: all four kept as often as p^4.
+    four = keep[..., 1:, 1:] & keep[..., :-1, 1:] & keep[..., 1:, :-1] & keep[..., :-1, :-1]
+    assert abs(four.mean() - (1 - rate) ** 4) < 5e-3
     # Batch entries, heads and seeds draw differently.
     other_seed = np.asarray(keep_mask(jax.random.key(4), rate, 2, 3, 256, 256))
     for a, b in ((keep[0, 0], keep[1, 0]), (keep[0, 0], keep[0, 1]), (keep, other_seed)):
