@@ -157,3 +157,18 @@ def test_a_build_spawns_one_pool_for_its_three_splits(tmp_path, monkeypatch):
     # the files hold the split's images in TFDS's shuffled order
     built = sorted(np.asarray(test[i]["inputs"]).tobytes() for i in range(5))
     assert built == sorted(im.tobytes() for im in pf.draw_images((P32, 0, "test", 0, 5))[0])
+
+
+def test_a_split_larger_than_the_tfds_memory_buffer_builds(tmp_path, monkeypatch):
+    # Past its memory buffer TFDS shuffles through files written with TensorFlow, which the
+    # project does not install; a 1 KB buffer stands for the 1 GB one that Path-X outgrows.
+    from tensorflow_datasets.core import shuffle
+
+    from xformers_zoo import data
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1024)
+    config = DataConfig(task="pathfinder32", data_dir=str(tmp_path), train_size=4, val_size=2,
+                        test_size=2, workers=1)
+    data.prepare(config)
+    assert len(data.data_source(config, "train")) == 4
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1024  # restored after the build

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource
@@ -79,6 +82,27 @@ def dataset_builder(config: DataConfig) -> _TaskBuilder:
     return _rebuild(config.task, config, str(Path(config.data_dir)))
 
 
+@contextlib.contextmanager
+def shuffle_in_memory() -> Iterator[None]:
+    """Keeps TFDS's shuffle of each split in memory while a data set is built, when TensorFlow
+    is not installed.
+
+    TFDS shuffles a split in memory up to 1 GB of serialized examples and beyond that through
+    temporary bucket files that it writes with TensorFlow's file API, so without TensorFlow a
+    larger split fails (Path-X's 160K training images are 2.6 GB). In memory, the largest
+    split must fit in RAM instead: 2.6 GB for Path-X, 10.5 GB for Path-256.
+    """
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    limit = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = 1 << 62
+    try:
+        yield
+    finally:
+        tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
+
+
 def prepare(config: DataConfig) -> _TaskBuilder:
     """Builds the data set once (reused afterwards) and returns its builder."""
     builder = dataset_builder(config)
@@ -87,7 +111,8 @@ def prepare(config: DataConfig) -> _TaskBuilder:
                  builder.data_dir)
         scope = builder.SOURCE.build_scope
         # TFDS writes the splits one after another; the scope spans all of them.
-        with scope(config) if scope is not None else contextlib.nullcontext():
+        with (shuffle_in_memory(),
+              scope(config) if scope is not None else contextlib.nullcontext()):
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=config.manual_dir))
     return builder
