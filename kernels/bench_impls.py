@@ -39,11 +39,18 @@ def parse_tiles(text: str) -> FlashTiles:
     return FlashTiles(*passes)
 
 
-def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0):
+def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0, forward=None):
+    """Our kernels; ``forward`` None picks the forward kernel as calls do (Mosaic on Hopper
+    where it serves)."""
     del b, n, h
     return (lambda q, k, v: pallas_attention(
         q, k, v, block_mask=block_mask, tiles=tiles, scale=d**-0.5, dropout_rate=dropout_rate,
-        dropout_rng=_dropout_key(dropout_rate))), None
+        dropout_rng=_dropout_key(dropout_rate), forward=forward)), None
+
+
+def pallas_triton(**kwargs):
+    """Our kernels with the Triton forward everywhere (the Mosaic forward's baseline)."""
+    return pallas(**kwargs, forward="triton")
 
 
 def cudnn(*, b, n, h, d, **_):
@@ -85,5 +92,5 @@ def jax_mgpu(*, b, n, h, d, **_):
     return attend, None
 
 
-IMPLS: dict[str, Callable] = {"pallas": pallas, "cudnn": cudnn, "xla": xla,
-                              "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}
+IMPLS: dict[str, Callable] = {"pallas": pallas, "pallas_triton": pallas_triton, "cudnn": cudnn,
+                              "xla": xla, "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}

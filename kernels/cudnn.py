@@ -37,9 +37,10 @@ _LENGTH_MULTIPLE = 64
 
 
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
-                    dropout_rate=0.0, dropout_rng=None):
-    """cuDNN flash attention; a right-padding key mask becomes per-sequence key lengths."""
-    del block_mask, dropout_rate, dropout_rng  # rejected above
+                    dropout_rate=0.0, dropout_rng=None, key_mask_is_prefix=True):
+    """cuDNN flash attention; a right-padding key mask becomes per-sequence key lengths (any
+    key mask is taken as right padding: ``cudnn_rejects`` refuses calls that do not say so)."""
+    del block_mask, dropout_rate, dropout_rng, key_mask_is_prefix  # rejected above
     batch, q_len, _, head_dim = q.shape
     k_len = k.shape[1]
     key_lengths = (jnp.full((batch,), k_len, jnp.int32) if key_mask is None

@@ -126,4 +126,5 @@ def dot_product_attention(
         for name, reason in skipped:
             log.log(level, "attention: skipped %s (%s); using %s", name, reason, impl.name)
     return impl.fn(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
-                   dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                   key_mask_is_prefix=key_mask_is_prefix)

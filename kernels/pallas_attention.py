@@ -37,9 +37,11 @@ from xformers_zoo.kernels.pallas_common import (
 )
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
+from xformers_zoo.kernels.pallas_mosaic_forward import MosaicPlan, mosaic_forward, mosaic_rejects
 from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
+FORWARDS = ("mosaic", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -165,13 +167,18 @@ def pallas_attention(
     dropout_rng: jax.Array | None = None,
     interpret: bool | None = None,
     tiles: FlashTiles | None = None,
+    key_mask_is_prefix: bool = False,
+    forward: str | None = None,
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
     Rows with no visible key return zeros. ``dropout_rate`` > 0 drops attention weights with
     decisions drawn from ``dropout_rng`` (``pallas_dropout.keep_mask`` materialises them).
     ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
-    ``tiles`` overrides ``default_tiles`` (benchmarks).
+    ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
+    padding (the Mosaic forward then takes sequence lengths). ``forward`` picks the forward
+    kernel: "mosaic" (Hopper wgmma kernel, dense calls only), "triton", or None: Mosaic where
+    it serves the call on a Hopper GPU, else Triton.
     """
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
@@ -188,10 +195,19 @@ def pallas_attention(
         block_mask.check_shape(q_len, k_len, heads)
     tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
     passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
+    mosaic = _choose_mosaic(forward, interpret, str(q.dtype), head_dim, causal=causal,
+                            block_mask=block_mask, key_mask=key_mask,
+                            key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate,
+                            scale=scale)
+    if mosaic is not None:  # its tiles set the padding of q and k/v too
+        passes[0] = dataclasses.replace(passes[0], block_q=mosaic.rows_per_program,
+                                        block_k=mosaic.block_k)
     q_pad = _round_up(q_len, max(t.block_q for t in passes))
     k_pad = _round_up(k_len, max(t.block_k for t in passes))
 
     has_bias = key_mask is not None or k_pad != k_len
+    if mosaic is not None:  # padded keys are masked by sequence lengths there
+        mosaic = dataclasses.replace(mosaic, has_lengths=has_bias)
     bias = None
     if has_bias:
         valid = jnp.ones((batch, k_len), bool) if key_mask is None else key_mask
@@ -221,29 +237,69 @@ def pallas_attention(
         streams = head_streams(seed_words(dropout_rng), batch, heads)  # [b * h] int32
     pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, 0))
     pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, 0))
-    out = _flash(tuple(plans), tuple(schedules))(
-        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias, streams)
+    lengths = None
+    if mosaic is not None and mosaic.has_lengths:
+        lengths = (jnp.full((batch,), k_len, jnp.int32) if key_mask is None
+                   else key_mask.sum(-1).astype(jnp.int32))
+    out = _flash(tuple(plans), tuple(schedules), mosaic)(
+        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias, streams, lengths)
     return out[:, :q_len]
 
 
-def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...]):
+def _choose_mosaic(forward: str | None, interpret: bool, dtype: str, head_dim: int, *,
+                   causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
+                   dropout_rate: float, scale: float | None) -> MosaicPlan | None:
+    """The Mosaic forward's plan when it runs this call, else None (the Triton forward runs).
+    Asked for by name, it must serve the call or the reason is raised."""
+    if forward not in (None, *FORWARDS):
+        raise ValueError(f"pallas attention: forward must be one of {FORWARDS} or None, got "
+                         f"{forward!r}")
+    if forward == "triton":
+        return None
+    reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
+                            has_key_mask=key_mask is not None,
+                            key_mask_is_prefix=key_mask_is_prefix, dropout=dropout_rate > 0.0)
+    if reason is None and interpret:
+        reason = "it has no interpret mode (Hopper GPUs only)"
+    if reason is None:
+        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+        if not capability.startswith("9."):
+            reason = f"it needs a Hopper GPU (compute capability 9.x), device has {capability!r}"
+    if reason is not None:
+        if forward == "mosaic":
+            raise ValueError(f"pallas attention: the Mosaic forward cannot serve this call: "
+                             f"{reason}")
+        return None
+    return MosaicPlan(scale=float(head_dim ** -0.5 if scale is None else scale),
+                      has_lengths=False)
+
+
+def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...],
+           mosaic: MosaicPlan | None):
     """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
-    gradients); schedules enter as trace-time constants, dropout streams as an input."""
+    gradients); schedules enter as trace-time constants, dropout streams and key lengths (the
+    Mosaic forward's key mask) as inputs. With ``mosaic``, the Mosaic kernel runs the forward;
+    both forwards save the same residuals, so the backward kernels are shared."""
     fwd_plan, kv_plan, q_plan = plans
 
-    @jax.custom_vjp
-    def attend(q, k, v, bias, streams):
-        return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)[0]
+    def forward(q, k, v, bias, streams, lengths):
+        if mosaic is not None:
+            return mosaic_forward(q, k, v, lengths, mosaic)
+        return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
 
-    def attend_fwd(q, k, v, bias, streams):
-        out, lse = flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
+    @jax.custom_vjp
+    def attend(q, k, v, bias, streams, lengths):
+        return forward(q, k, v, bias, streams, lengths)[0]
+
+    def attend_fwd(q, k, v, bias, streams, lengths):
+        out, lse = forward(q, k, v, bias, streams, lengths)
         return out, (q, k, v, bias, streams, out, lse)
 
     def attend_bwd(residuals, d_out):
         q, k, v, bias, streams, out, lse = residuals
         dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
                                     (kv_plan, q_plan))
-        return dq, dk, dv, None if bias is None else jnp.zeros_like(bias), None
+        return dq, dk, dv, None if bias is None else jnp.zeros_like(bias), None, None
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend

@@ -48,8 +48,11 @@ def xla_attention(
     causal: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    key_mask_is_prefix: bool = False,
 ) -> Float[Array, "b q h d"]:
-    """Softmax attention computed densely; rows with no visible key return zeros."""
+    """Softmax attention computed densely; rows with no visible key return zeros. Any key mask
+    is applied as given (``key_mask_is_prefix`` changes nothing here)."""
+    del key_mask_is_prefix
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q.shape[1], k.shape[1], key_mask=key_mask, block_mask=block_mask,

@@ -16,9 +16,11 @@ from xformers_zoo.variants import Capabilities, register_variant
 @dataclasses.dataclass(frozen=True)
 class FullConfig:
     """``implementation``: exact-attention implementations to try in order (see
-    ``xformers_zoo.kernels.IMPLEMENTATIONS``); ``causal``: autoregressive masking."""
+    ``xformers_zoo.kernels.IMPLEMENTATIONS``): cuDNN where it serves; the Pallas kernels for what
+    it cannot (attention dropout, non-prefix masks) before the dense XLA path, which holds
+    N x N weights in memory; ``causal``: autoregressive masking."""
 
-    implementation: tuple[str, ...] = ("cudnn", "xla")
+    implementation: tuple[str, ...] = ("cudnn", "pallas", "xla")
     causal: bool = False
 
 

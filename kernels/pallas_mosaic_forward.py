@@ -1,0 +1,253 @@
+"""FlashAttention forward for Hopper GPUs in Pallas' Mosaic GPU backend, after FlashAttention-3
+(Shah et al. 2024, "FlashAttention-3: Fast and Accurate Attention with Asynchrony and
+Low-precision", sections 3.1-3.2).
+
+One program (thread block) serves two query tiles of one (batch, head) with three warpgroups:
+a producer streams key/value tiles by TMA into a ring of shared-memory slots, and two consumers
+each own a query tile, multiply on the tensor cores (wgmma) and keep the online softmax in
+registers. The consumers take turns through a two-party barrier so that one's softmax (the
+exponentials) runs while the other's matrix products are in flight ("ping-pong" scheduling).
+
+It serves the common dense case only: bf16/fp16, head_dim 64 or 128, non-causal, no block mask,
+keys masked (if at all) by per-sequence lengths, i.e. padding at the end. Fully padded key tiles
+are not visited. Its outputs (O and the base-2 log-sum-exp) match ``pallas_forward``'s, so the
+same backward kernels follow it. ``pallas_attention`` decides when it runs (kernels/NOTES.md).
+
+There is no interpret mode: Pallas' GPU interpreter (JAX 0.10-0.11) evaluates neither wgmma on a
+transposed shared-memory operand nor accumulators seeded from registers, so this kernel is
+tested on the GPU only (``gpu`` marker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from xformers_zoo.kernels.pallas_common import EMPTY_ROW_LSE
+
+HEAD_DIMS = (64, 128)
+DTYPES = ("bfloat16", "float16")
+CONSUMERS = 2  # query tiles (warpgroups) per program
+_LN2_INV = 1.0 / math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicPlan:
+    """Static facts of one Mosaic GPU forward launch."""
+
+    scale: float
+    has_lengths: bool
+    block_q: int = 64  # query rows per consumer warpgroup (one wgmma M tile)
+    block_k: int = 128
+    stages: int = 2  # key/value slots in shared memory
+
+    @property
+    def rows_per_program(self) -> int:
+        """Query rows one program covers (the wrapper pads q to a multiple of this)."""
+        return CONSUMERS * self.block_q
+
+
+def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
+                   has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool) -> str | None:
+    """Why this forward cannot serve a call (the Triton forward then does), or None."""
+    if dtype not in DTYPES:
+        return f"dtype must be one of {DTYPES}, got {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS}, got {head_dim}"
+    if causal:
+        return "causal masking is not implemented"
+    if has_block_mask:
+        return "block masks are not implemented"
+    if dropout:
+        return "attention dropout is not implemented"
+    if has_key_mask and not key_mask_is_prefix:
+        return "key masks must be right padding (key_mask_is_prefix=True)"
+    return None
+
+
+def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: MosaicPlan,
+            k_tiles: int):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn = (
+        scratch)
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
+    dtype = q_smem.dtype
+    if plan.has_lengths:
+        length = lengths_ref[batch]
+        full_steps = lax.div(length, block_k)
+        steps = lax.div(length + block_k - 1, block_k)
+    else:
+        full_steps = steps = k_tiles
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        # The producer needs few registers; the consumers hold accumulators and probabilities.
+        plgpu.set_max_registers(232, action="increase")
+        q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
+        row0 = (lax.axis_index("q") * CONSUMERS + wg) * block_q
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile,
+                                q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        head_dim = q_tile.shape[-1]
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+        total = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
+        acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                plgpu.Layout.WGMMA)
+        log2_scale = plan.scale * _LN2_INV  # logits in base-2 units, as pallas_forward's
+
+        @pl.when(steps > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        # The second consumer starts one turn late, so the two alternate from here on.
+        pl.when(wg == 1)(take_turn)
+
+        def step(i, carry, *, masked: bool):
+            acc, m, total = carry
+            slot = lax.rem(i, stages)
+
+            def logits(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                take_turn()  # the other consumer's exponentials run under this product
+                return acc_ref[...]
+
+            s = pl.run_scoped(logits, plgpu.ACC((block_q, block_k), jnp.float32))  # [bq, bk]
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:  # the one tile that holds the sequence's last keys
+                cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(cols + i * block_k < length, s, -jnp.inf)
+            m_next = jnp.maximum(m, s.max(axis=1) * log2_scale)
+            correction = jnp.exp2(m - m_next)
+            p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+            total = total * correction + p.sum(axis=1)
+            p_in = p.astype(dtype)
+            # Pin the softmax before the turn hand-over: measured faster in FA-3 style kernels.
+            acc, total, m_next, p_in = lax.optimization_barrier((acc, total, m_next, p_in))
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)
+
+            def wait_next_keys():
+                @pl.when(i + 1 < steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(i + 1, stages)])
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p_in, v_smem.at[slot])
+                wait_next_keys()
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_next, total
+
+        carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False),
+                              (acc, m, total))
+        if plan.has_lengths:
+            carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
+        acc, m, total = carry
+        pl.when(wg == 0)(take_turn)  # balances the second consumer's early turn
+
+        if plan.has_lengths:  # a sequence of length 0: no keys, output 0, empty-row LSE
+            seen = total > 0.0
+            total = jnp.where(seen, total, 1.0)
+            lse = jnp.where(seen, m + jnp.log(total) * _LN2_INV, EMPTY_ROW_LSE)
+        else:
+            lse = m + jnp.log(total) * _LN2_INV
+        acc = acc / lax.broadcast_in_dim(total, acc.shape, [0])
+        q_tile[...] = acc.astype(dtype)  # the query tile's slot is free: stage O there
+        lse_tile[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(row0, block_q), head])
+        plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, pl.ds(row0, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(i, slot):
+            keys = (batch, pl.ds(i * block_k, block_k), head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+        for i in range(stages):
+            pl.when(i < steps)(functools.partial(fetch, i, i))
+
+        @pl.loop(stages, jnp.maximum(steps, stages))
+        def _(i):
+            slot = lax.rem(i, stages)
+            # Both consumers must have released the slot (keys and values separately, so the
+            # next keys land while the last values are still being read).
+            plgpu.barrier_wait(k_free.at[slot])
+            keys = (batch, pl.ds(i * block_k, block_k), head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+
+def mosaic_forward(
+    q: Float[Array, "b nq h d"],
+    k: Float[Array, "b nk h d"],
+    v: Float[Array, "b nk h d"],
+    lengths: Int[Array, " b"] | None,
+    plan: MosaicPlan,
+) -> tuple[Float[Array, "b nq h d"], Float[Array, "b h nq"]]:
+    """Output and base-2 log-sum-exp of attention; ``nq`` a multiple of
+    ``plan.rows_per_program`` and ``nk`` of ``plan.block_k``; ``lengths`` (int32, one per
+    sequence) counts the real keys of each sequence (the rest are padding)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, q_len, heads, head_dim = q.shape
+    k_len = k.shape[1]
+    if q_len % plan.rows_per_program or k_len % plan.block_k:
+        raise ValueError(f"mosaic forward: q length {q_len} must be a multiple of "
+                         f"{plan.rows_per_program} and k length {k_len} of {plan.block_k}")
+    if plan.has_lengths != (lengths is not None):
+        raise ValueError("mosaic forward: lengths must be given exactly when the plan has them")
+    k_tiles = k_len // plan.block_k
+    plan = dataclasses.replace(plan, stages=min(plan.stages, k_tiles))
+    # 128-byte swizzled tiles: the layout wgmma reads from shared memory without bank conflicts.
+    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+    def entry(q_ref, k_ref, v_ref, *refs):
+        lengths_ref = refs[0] if plan.has_lengths else None
+        o_ref, lse_ref = refs[-2:]
+        buffers = (plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), q.dtype, **swizzled),
+                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **swizzled),
+                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), v.dtype, **swizzled),
+                   plgpu.SMEM((CONSUMERS, plan.block_q), jnp.float32))
+        loaded = (plgpu.Barrier(num_barriers=CONSUMERS),
+                  plgpu.Barrier(num_barriers=plan.stages),
+                  plgpu.Barrier(num_barriers=plan.stages))
+        released = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages),) * 2
+        turn = plgpu.Barrier(num_arrivals=CONSUMERS)
+        pl.run_scoped(
+            lambda *scratch: _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch,
+                                     plan=plan, k_tiles=k_tiles),
+            buffers, loaded, released, turn, collective_axes="wg")
+
+    call = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        grid=(heads, q_len // plan.rows_per_program, batch), grid_names=("heads", "q", "batch"),
+        num_threads=CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True))
+    args = (q, k, v) if lengths is None else (q, k, v, lengths.astype(jnp.int32))
+    return call(*args)
