@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.dispatch import AttentionCall
+from xformers_zoo.kernels.dispatch import AttentionCall, zero_pad_head_dim
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_common import (
     KernelPlan,
@@ -114,8 +114,9 @@ def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> s
     """Why the kernels cannot take inputs of this dtype, head dim and block mask, or None."""
     if dtype not in DTYPES:
         return f"dtype must be one of {DTYPES}, got {dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim must be one of {HEAD_DIMS}, got {head_dim}"
+    if not 0 < head_dim <= HEAD_DIMS[-1]:
+        return (f"head_dim must be 1 to {HEAD_DIMS[-1]} (sizes other than {HEAD_DIMS} are "
+                f"zero-padded to the next of them), got {head_dim}")
     if block_mask is not None:
         for size in (block_mask.block_q, block_mask.block_k):
             if size < 16 or size & (size - 1):
@@ -193,6 +194,14 @@ def pallas_attention(
         raise ValueError(f"pallas attention: {reason}")
     if block_mask is not None:
         block_mask.check_shape(q_len, k_len, heads)
+    if head_dim not in HEAD_DIMS:  # the kernels' sizes; others run zero-padded to the next one
+        size = next(s for s in HEAD_DIMS if s > head_dim)
+        out = pallas_attention(
+            *zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
+            scale=head_dim ** -0.5 if scale is None else scale, causal=causal,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng, interpret=interpret, tiles=tiles,
+            key_mask_is_prefix=key_mask_is_prefix, forward=forward)
+        return out[..., :head_dim]
     tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
     passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
     mosaic = _choose_mosaic(forward, interpret, str(q.dtype), head_dim, causal=causal,

@@ -235,7 +235,7 @@ def test_rejects_name_the_reason(monkeypatch):
     # Dropout: cuDNN steps aside (saying where dropout goes), the kernels take it.
     impl, skipped = choose_implementation(_call(dropout_rate=0.1), ("cudnn", "pallas", "xla"))
     assert impl.name == "pallas" and skipped[0][0] == "cudnn"
-    cases = {"head_dim": _call(head_dim=48), "dtype": _call(dtype="int8"),
+    cases = {"head_dim": _call(head_dim=160), "dtype": _call(dtype="int8"),
              "dropout_rate": _call(dropout_rate=1.0),
              "powers of two": _call(block_mask=BlockMask(np.ones((2, 2), bool), 48, 48))}
     for expected, call in cases.items():
@@ -243,9 +243,18 @@ def test_rejects_name_the_reason(monkeypatch):
         assert impl.name == "xla" and expected in skipped[0][1]
 
 
+def test_other_head_dims_run_zero_padded():
+    # LRA's Pathfinder heads are 4 wide, Image's 8: padded to the next kernel size, exactly.
+    key_mask = jnp.arange(40)[None] < jnp.array([40, 17])[:, None]
+    for head_dim in (4, 8, 24):
+        run_and_check(30 + head_dim, batch=2, q_len=40, k_len=40, heads=2, head_dim=head_dim,
+                      dtype=jnp.float32, tol=1e-4, key_mask=key_mask, dropout_rate=0.1,
+                      dropout_rng=jax.random.key(head_dim))
+
+
 def test_direct_call_rejects_bad_input():
-    q = jnp.zeros((1, 8, 1, 48))
-    with pytest.raises(ValueError, match="head_dim must be one of"):
+    q = jnp.zeros((1, 8, 1, 160))
+    with pytest.raises(ValueError, match="head_dim must be 1 to 128"):
         pallas_attention(q, q, q)
     q = jnp.zeros((1, 64, 2, 16))
     with pytest.raises(ValueError, match="heads"):
