@@ -4,6 +4,7 @@ from xformers_zoo.configs.base import DataConfig, ExperimentConfig, ModelConfig,
 from xformers_zoo.configs.presets import PRESETS
 from xformers_zoo.configs.resolve import (
     load_config,
+    load_run_config,
     resolve_config,
     resolve_model_config,
     split_model_overrides,
@@ -18,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "load_config",
+    "load_run_config",
     "resolve_config",
     "resolve_model_config",
     "split_model_overrides",

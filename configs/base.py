@@ -58,7 +58,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and loop settings (LRA: Adam(0.9, 0.98, 1e-9), decoupled weight decay)."""
+    """Optimisation and loop settings (LRA: Adam(0.9, 0.98, 1e-9), decoupled weight decay).
+
+    ``init_from`` names another run directory whose best (else latest) checkpoint initialises
+    the model when this run starts fresh; optimizer, step and data order still start fresh.
+    Learned 2-D positions may grow by whole factors on the way, the Path-64 -> Path-X recipe of
+    FlashAttention (Dao et al. 2022, section 4).
+    """
 
     batch_size: int = 32
     steps: int = 5000
@@ -76,8 +82,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
+    init_from: str | None = None
 
     def __post_init__(self):
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("train.init_from must name a run directory or be None, got ''")
         for name in ("batch_size", "steps", "grad_accum", "eval_every", "checkpoint_every",
                      "log_every"):
             if getattr(self, name) <= 0:

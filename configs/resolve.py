@@ -4,7 +4,9 @@ then dotted overrides; and the reverse, loading a saved config."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from xformers_zoo import config as cfglib
@@ -65,6 +67,14 @@ def load_config(data: Mapping[str, Any]) -> ExperimentConfig:
     """An ``ExperimentConfig`` from its ``config.to_dict`` form (as saved in a run directory)."""
     cfg = cfglib.from_dict(ExperimentConfig, data)
     return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+
+
+def load_run_config(workdir: str | Path) -> ExperimentConfig:
+    """The config saved in a run directory's ``config.json``."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    return load_config(json.loads(path.read_text()))
 
 
 def split_model_overrides(variant: str, overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The trainer: one loop for every task and variant.
 
 ``run(config, workdir)`` trains with periodic validation, writes checkpoints (latest and best),
-resumes from ``workdir`` when it holds a run of the same config, stops on a non-finite loss with
-the last good checkpoint intact, and scores the test split on the best-validation checkpoint.
+resumes from ``workdir`` when it holds a run of the same config (a fresh run may start from
+another run's weights, ``train.init_from``), stops on a non-finite loss with the last good
+checkpoint intact, and scores the test split on the best-validation checkpoint.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from tqdm.auto import tqdm
 from xformers_zoo import config as cfglib
 from xformers_zoo import data
 from xformers_zoo.api import build_model, count_params
-from xformers_zoo.configs import ExperimentConfig, load_config
+from xformers_zoo.configs import ExperimentConfig, load_run_config
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.train.checkpoint import RunCheckpoints
 from xformers_zoo.train.metrics import MetricsLog
 from xformers_zoo.train.optim import make_optimizer, make_schedule
 from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
 from xformers_zoo.train.steps import TrainState, compile_steps, init_state
+from xformers_zoo.train.warm_start import warm_start
 from xformers_zoo.variants import VARIANTS
 
 log = logging.getLogger("xformers_zoo.train")
@@ -129,18 +131,27 @@ class _Setup:
 
 
 def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint of the same config)
-    and returns the final metrics, also written to ``workdir/final.json``."""
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint of the same config,
+    else starting from the weights of run ``train.init_from`` when set) and returns the final
+    metrics, also written to ``workdir/final.json``."""
     workdir = Path(workdir)
-    check_run_dir(config, workdir)
     tc = config.train
-    data.prepare(config.data)
     setup = _Setup(config)
     state = setup.state
-    iterator = iter(data.train_dataset(config.data, setup.local_batch, seed=tc.seed))
     checkpoints = RunCheckpoints(workdir)
+    try:
+        if tc.init_from is not None and checkpoints.latest_step() is None:
+            # Before the run claims its directory and builds its data: a source run that does
+            # not fit fails in seconds and leaves the directory to the corrected command.
+            state = warm_start(state, setup.graphdef, tc.init_from, setup.mesh)
+        check_run_dir(config, workdir)
+    except BaseException:
+        checkpoints.close()
+        raise
     best = {"accuracy": -1.0, "step": None}
     restored = checkpoints.restore_latest(state)
+    data.prepare(config.data)
+    iterator = iter(data.train_dataset(config.data, setup.local_batch, seed=tc.seed))
     if restored is not None:
         state, data_state, meta = restored
         iterator.set_state(data_state)
@@ -238,9 +249,7 @@ def evaluate_run(workdir: str | Path, split: str = "test", checkpoint: str = "be
                  data_dir: str | None = None) -> dict[str, float]:
     """Scores a run directory's ``best`` or ``latest`` checkpoint on ``split``."""
     workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
-    config = load_config(json.loads((workdir / "config.json").read_text()))
+    config = load_run_config(workdir)
     if data_dir is not None:
         config = cfglib.replace(config, {"data.data_dir": data_dir})
     setup = _Setup(config)

@@ -58,17 +58,27 @@ class LearnedPositions2D(nnx.Module):
 
     def upsampled(self, height: int, width: int) -> Float[Array, "h w e"]:
         """The grid repeated to ``height x width`` (each a multiple of the current size)."""
-        if height % self.height or width % self.width:
-            raise ValueError(f"can only upsample {self.height}x{self.width} positions by whole "
-                             f"factors, asked for {height}x{width}")
-        table = jnp.repeat(self.table[...], height // self.height, axis=0)
-        return jnp.repeat(table, width // self.width, axis=1)
+        return upsample_grid(self.table[...], height, width)
 
     def __call__(self, x: Float[Array, "b l e"]) -> Float[Array, "b l e"]:
         if x.shape[1] != self.height * self.width:
             raise ValueError(f"2-D positions expect {self.height}x{self.width}="
                              f"{self.height * self.width} tokens, got {x.shape[1]}")
         return x + self.table[...].reshape(-1, x.shape[-1])[None].astype(x.dtype)
+
+
+def upsample_grid(table: Float[Array, "h w e"], height: int,
+                  width: int) -> Float[Array, "H W e"]:
+    """A ``[h, w, dim]`` position grid repeated to ``[height, width, dim]``: each position
+    covers a ``height/h x width/w`` block, so a grid learned on a small image serves one whose
+    side is a whole multiple (Path-64 -> Path-X, Dao et al. 2022, section 4)."""
+    if table.ndim != 3:
+        raise ValueError(f"a 2-D position grid is [height, width, dim], got shape {table.shape}")
+    h, w = table.shape[:2]
+    if height % h or width % w or height < h or width < w:
+        raise ValueError(f"can only upsample {h}x{w} positions by whole factors, asked for "
+                         f"{height}x{width}")
+    return jnp.repeat(jnp.repeat(table, height // h, axis=0), width // w, axis=1)
 
 
 def _check_length(length: int, max_length: int) -> None:
