@@ -189,3 +189,18 @@ def test_every_process_yields_the_same_number_of_eval_batches(tmp_path, monkeypa
         lengths.append(len(batches))
         weights.append(sum(float(b["weight"].sum()) for b in batches))
     assert lengths == [2, 2] and weights == [3.0, 2.0]
+
+
+def test_epoch_shuffle_orders_each_epoch_afresh():
+    import grain
+
+    from xformers_zoo.data.pipeline import EpochShuffle
+
+    base = grain.MapDataset.source(list(range(10)))
+    ds = EpochShuffle(base, seed=3)
+    first, second = [ds[i] for i in range(10)], [ds[i] for i in range(10, 20)]
+    assert sorted(first) == sorted(second) == list(range(10))  # each epoch: every example once
+    assert first != second and first != list(range(10))
+    assert [EpochShuffle(base, seed=3)[i] for i in range(20)] == first + second
+    assert [EpochShuffle(base, seed=4)[i] for i in range(10)] != first
+    assert [ds[5:8][i] for i in range(3)] == first[5:8]  # slicing keeps the order

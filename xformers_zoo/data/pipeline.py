@@ -8,6 +8,7 @@ for two-sequence tasks), ``mask`` bool of the same shape (True at real tokens), 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,41 @@ class PadExample(grain.transforms.Map):
                 "weight": np.float32(1.0)}
 
 
+class EpochShuffle(grain.MapDataset):
+    """Endless epochs of a finite dataset, each in a fresh seeded order: element ``i`` is
+    ``parent[order_e[i % n]]`` with ``e = i // n`` and ``order_e`` a numpy permutation drawn
+    from ``(seed, e)``. One array lookup per element, where grain's index shuffle (shuffle +
+    repeat) measured about 0.1 ms per element, more than reading and decoding a 1K-token
+    example. Index-based like every MapDataset, so iterator checkpoints stay exact."""
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._size = len(parent)
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return 2**62  # endless (as grain's repeat(None))
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs (current, next) per dataset
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, epoch]).permutation(self._size)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._size)
+        return self._parent[int(self._order(epoch)[position])]
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
+
+
+# Batches are assembled in this process (or in each loader worker) without reader threads:
+# decoding and padding are Python work that threads only serialise on the GIL (measured: one
+# thread 3x the batches/s of grain's default 16 for 256 x 1K-token images).
+_READ = grain.ReadOptions(num_threads=0)
+
+
 def _sharded(config: DataConfig, split: str) -> grain.MapDataset:
     ds = grain.MapDataset.source(data_source(config, split))
     # Each process reads its own interleaved slice, so hosts never see the same example.
@@ -69,8 +105,8 @@ def train_dataset(config: DataConfig, batch_size: int, seed: int) -> grain.IterD
     if len(ds) < batch_size:
         raise ValueError(f"the train split has {len(ds)} examples for this process, fewer than "
                          f"one batch of {batch_size}")
-    ds = ds.shuffle(seed=seed).repeat(None).map(PadExample(config))
-    ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    ds = EpochShuffle(ds, seed).map(PadExample(config))
+    ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_READ)
     if config.loader_workers > 0:
         # grain's workers read absl flags, which only absl.app parses; mark them parsed (with
         # their defaults) when running under any other entry point.
@@ -97,7 +133,7 @@ def eval_batches(config: DataConfig, split: str, batch_size: int,
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
     ds = _sharded(config, split).map(PadExample(config)).batch(batch_size, drop_remainder=False)
-    batches = iter(ds)
+    batches = iter(ds.to_iter_dataset(_READ))
     template = None
     for _ in range(num_batches):
         batch = next(batches, None)
