@@ -58,17 +58,27 @@ def global_tokens(length: int, num_global_tiles: int, block: int) -> BlockMask:
 
 
 def random_blocks(length: int, num_random: int, block: int, *, seed: int,
-                  num_heads: int = 1) -> BlockMask:
+                  num_heads: int = 1, exclude: BlockMask | None = None) -> BlockMask:
     """``num_random`` distinct random key tiles for each query tile (one draw per head when
-    ``num_heads`` > 1); the draw is fixed by ``seed``."""
+    ``num_heads`` > 1); the draw is fixed by ``seed``. Tiles of ``exclude`` (e.g. BigBird's
+    window and global tiles, which the paper's random keys avoid) are never drawn; a row with
+    fewer free tiles gets all of them."""
     n = _tiles(length, block)
     if not 0 <= num_random <= n:
         raise ValueError(f"num_random must be in [0, {n}] tiles, got {num_random}")
+    taken = np.zeros((1, n, n), bool)
+    if exclude is not None:
+        if (exclude.block_q, exclude.block_k) != (block, block) or exclude.mask.shape[1:] != (n, n):
+            raise ValueError(f"exclude must be a {n}x{n}-tile mask of {block}-token tiles, got "
+                             f"{exclude.mask.shape[1:]} tiles of {exclude.block_q}x"
+                             f"{exclude.block_k}")
+        taken = exclude.mask
     rng = np.random.default_rng(seed)
     mask = np.zeros((num_heads, n, n), bool)
     for h in range(num_heads):
         for i in range(n):
-            mask[h, i, rng.choice(n, size=num_random, replace=False)] = True
+            free = np.flatnonzero(~taken[h % taken.shape[0], i])
+            mask[h, i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
     return BlockMask(mask, block, block)
 
 

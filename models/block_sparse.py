@@ -148,11 +148,13 @@ class BigBirdConfig(BlockSparseConfig):
         # sliding_window keeps tiles whose nearest tokens are <= window // 2 apart: tiles r
         # apart have nearest tokens (r - 1) * block + 1 apart.
         window = 1 if radius == 0 else 2 * ((radius - 1) * self.block + 1)
-        parts = [masks.sliding_window(length, window, self.block),
-                 masks.global_tokens(length, self.global_tiles, self.block)]
-        if self.num_random:
-            parts.append(masks.random_blocks(length, self.num_random, self.block, seed=seed))
-        return masks.union(*parts)
+        fixed = masks.union(masks.sliding_window(length, window, self.block),
+                            masks.global_tokens(length, self.global_tiles, self.block))
+        if not self.num_random:
+            return fixed
+        # As in the paper, random keys are drawn among the tiles the window and globals miss.
+        return masks.union(fixed, masks.random_blocks(length, self.num_random, self.block,
+                                                      seed=seed, exclude=fixed))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,17 @@ def test_random_blocks_count_per_row_and_seed():
                                                                num_heads=4).mask)
 
 
+def test_random_blocks_avoid_excluded_tiles():
+    fixed = masks.union(masks.sliding_window(1024, 192, 64), masks.global_tokens(1024, 1, 64))
+    bm = masks.random_blocks(1024, 3, 64, seed=2, num_heads=2, exclude=fixed)
+    assert not (bm.mask & fixed.mask).any()
+    free = (~fixed.mask[0]).sum(-1)
+    np.testing.assert_array_equal(bm.mask.sum(-1), np.broadcast_to(np.minimum(3, free), (2, 16)))
+    assert (free == 0).any()  # the global row has no free tile and gets none
+    with pytest.raises(ValueError, match="exclude must be"):
+        masks.random_blocks(1024, 3, 64, seed=2, exclude=masks.dense(1024, 128))
+
+
 def test_strided_pattern_matches_its_definition():
     length, stride, block = 512, 128, 32
     pos = np.arange(length)
