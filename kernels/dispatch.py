@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
@@ -47,15 +46,6 @@ class KernelImpl:
     fn: Callable[..., jax.Array]
     rejects: Callable[[AttentionCall], str | None]
     description: str = ""
-
-
-def zero_pad_head_dim(size: int, *arrays: Float[Array, "b n h d"]) -> tuple[jax.Array, ...]:
-    """``arrays`` zero-padded on the head dimension to ``size``. Zero columns change no logit
-    ``q . k`` and give zero output columns, so attention over padded q, k, v, sliced back to the
-    first ``d`` columns, is exact (with the softmax scale of the true ``d``); the Pallas kernels
-    serve head sizes they have no tiles for this way (LRA's Pathfinder heads are 4 wide)."""
-    pad = ((0, 0), (0, 0), (0, 0), (0, size - arrays[0].shape[-1]))
-    return tuple(jnp.pad(x, pad) for x in arrays)
 
 
 IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")

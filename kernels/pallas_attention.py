@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.dispatch import AttentionCall, zero_pad_head_dim
+from xformers_zoo.kernels.dispatch import AttentionCall
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_common import (
     KernelPlan,
@@ -37,7 +37,14 @@ from xformers_zoo.kernels.pallas_common import (
 )
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
-from xformers_zoo.kernels.pallas_mosaic_forward import MosaicPlan, mosaic_forward, mosaic_rejects
+from xformers_zoo.kernels.pallas_mosaic_forward import (
+    BLOCK_K,
+    BLOCK_Q,
+    CONSUMERS,
+    MosaicPlan,
+    mosaic_forward,
+    mosaic_rejects,
+)
 from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
@@ -100,7 +107,7 @@ def pallas_rejects(call: AttentionCall) -> str | None:
         return (f"needs a CUDA GPU (backend is {call.backend}); set {INTERPRET_ENV}=1 to run the "
                 f"kernels in Pallas interpret mode")
     if call.backend == "gpu":
-        capability = getattr(jax.devices()[0], "compute_capability", None)
+        capability = _compute_capability()
         if capability is None:
             return "needs a CUDA GPU (the GPU backend reports no compute capability)"
         if float(capability) < 8.0:
@@ -108,6 +115,20 @@ def pallas_rejects(call: AttentionCall) -> str | None:
     return _input_rejects(call.dtype, call.head_dim, call.block_mask) or (
         None if 0.0 <= call.dropout_rate < 1.0
         else f"dropout_rate must be in [0, 1), got {call.dropout_rate}")
+
+
+def _compute_capability() -> str | None:
+    """The first device's CUDA compute capability ("9.0"), or None off CUDA GPUs."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return None if capability is None else str(capability)
+
+
+def _zero_pad_head_dim(size: int, *arrays: Float[Array, "b n h d"]) -> tuple[jax.Array, ...]:
+    """``arrays`` zero-padded on the head dimension to ``size``. Zero columns change no logit
+    ``q . k`` and give zero output columns, so attention over padded q, k, v, sliced back to the
+    first ``d`` columns, is exact (with the softmax scale of the true ``d``)."""
+    pad = ((0, 0), (0, 0), (0, 0), (0, size - arrays[0].shape[-1]))
+    return tuple(jnp.pad(x, pad) for x in arrays)
 
 
 def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> str | None:
@@ -194,36 +215,35 @@ def pallas_attention(
         raise ValueError(f"pallas attention: {reason}")
     if block_mask is not None:
         block_mask.check_shape(q_len, k_len, heads)
+    scale = float(head_dim ** -0.5 if scale is None else scale)
     if head_dim not in HEAD_DIMS:  # the kernels' sizes; others run zero-padded to the next one
         size = next(s for s in HEAD_DIMS if s > head_dim)
         out = pallas_attention(
-            *zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
-            scale=head_dim ** -0.5 if scale is None else scale, causal=causal,
+            *_zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
+            scale=scale, causal=causal,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng, interpret=interpret, tiles=tiles,
             key_mask_is_prefix=key_mask_is_prefix, forward=forward)
         return out[..., :head_dim]
     tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
     passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
-    mosaic = _choose_mosaic(forward, interpret, str(q.dtype), head_dim, causal=causal,
-                            block_mask=block_mask, key_mask=key_mask,
-                            key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate,
-                            scale=scale)
-    if mosaic is not None:  # its tiles set the padding of q and k/v too
-        passes[0] = dataclasses.replace(passes[0], block_q=mosaic.rows_per_program,
-                                        block_k=mosaic.block_k)
+    use_mosaic = _use_mosaic(forward, interpret, str(q.dtype), head_dim, causal=causal,
+                             block_mask=block_mask, key_mask=key_mask,
+                             key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
+    if use_mosaic:  # its tiles set the padding of q and k/v too
+        passes[0] = dataclasses.replace(passes[0], block_q=CONSUMERS * BLOCK_Q, block_k=BLOCK_K)
     q_pad = _round_up(q_len, max(t.block_q for t in passes))
     k_pad = _round_up(k_len, max(t.block_k for t in passes))
 
     has_bias = key_mask is not None or k_pad != k_len
-    if mosaic is not None:  # padded keys are masked by sequence lengths there
-        mosaic = dataclasses.replace(mosaic, has_lengths=has_bias)
+    # Padded keys are masked by sequence lengths in the Mosaic forward.
+    mosaic = MosaicPlan(scale=scale, has_lengths=has_bias) if use_mosaic else None
     bias = None
     if has_bias:
         valid = jnp.ones((batch, k_len), bool) if key_mask is None else key_mask
         valid = jnp.pad(valid, ((0, 0), (0, k_pad - k_len)))
         bias = jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)  # [b, k_pad]
 
-    facts = dict(scale=float(head_dim ** -0.5 if scale is None else scale),
+    facts = dict(scale=scale,
                  causal_offset=(k_len - q_len) if causal else None, has_bias=has_bias,
                  sparse=block_mask is not None,
                  schedule_heads=1 if block_mask is None else block_mask.num_heads,
@@ -255,32 +275,31 @@ def pallas_attention(
     return out[:, :q_len]
 
 
-def _choose_mosaic(forward: str | None, interpret: bool, dtype: str, head_dim: int, *,
-                   causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
-                   dropout_rate: float, scale: float | None) -> MosaicPlan | None:
-    """The Mosaic forward's plan when it runs this call, else None (the Triton forward runs).
-    Asked for by name, it must serve the call or the reason is raised."""
+def _use_mosaic(forward: str | None, interpret: bool, dtype: str, head_dim: int, *,
+                causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
+                dropout_rate: float) -> bool:
+    """Whether the Mosaic forward runs this call (else the Triton forward). Asked for by
+    name, it must serve the call or the reason is raised."""
     if forward not in (None, *FORWARDS):
         raise ValueError(f"pallas attention: forward must be one of {FORWARDS} or None, got "
                          f"{forward!r}")
     if forward == "triton":
-        return None
+        return False
     reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
                             has_key_mask=key_mask is not None,
                             key_mask_is_prefix=key_mask_is_prefix, dropout=dropout_rate > 0.0)
     if reason is None and interpret:
         reason = "it has no interpret mode (Hopper GPUs only)"
     if reason is None:
-        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-        if not capability.startswith("9."):
+        capability = _compute_capability()
+        if capability is None or not capability.startswith("9."):
             reason = f"it needs a Hopper GPU (compute capability 9.x), device has {capability!r}"
     if reason is not None:
         if forward == "mosaic":
             raise ValueError(f"pallas attention: the Mosaic forward cannot serve this call: "
                              f"{reason}")
-        return None
-    return MosaicPlan(scale=float(head_dim ** -0.5 if scale is None else scale),
-                      has_lengths=False)
+        return False
+    return True
 
 
 def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...],

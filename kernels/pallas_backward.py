@@ -150,13 +150,30 @@ def _extra_inputs(plan: KernelPlan, streams, schedule: TileSchedule | None) -> l
         list(schedule.flat()) if plan.sparse else [])
 
 
-def _with_parts(plan: KernelPlan, shape, block: int, out_specs: list, out_shape: list,
-                count: int, head_dim: int) -> None:
-    """Adds ``count`` float32 partial outputs for split rows to a launch's outputs."""
+def _launch(kernel, plan: KernelPlan, schedule: TileSchedule | None, streams, *, rows: int,
+            block: int, in_specs: list, args: list, outputs: list[jax.ShapeDtypeStruct],
+            out_spec, heads: int, name: str) -> list[jax.Array]:
+    """One backward launch of ``rows`` row tiles: appends the dropout streams and schedule tables
+    to the inputs and, for split schedules, float32 partial outputs that are added back into
+    the ``outputs`` (all [b, n, h, d], each a row tile per program) afterwards."""
+    extra = _extra_inputs(plan, streams, schedule)
+    out_specs, out_shape = [out_spec] * len(outputs), list(outputs)
     if plan.split:
         size = plan.split_slots * block
-        out_specs += [whole_spec(plan, size, head_dim)] * count
-        out_shape += [partial_outputs(shape, plan.split_slots, block)] * count
+        out_specs += [whole_spec(plan, size, out_spec.block_shape[-1])] * len(outputs)
+        out_shape += [partial_outputs(outputs[0].shape, plan.split_slots, block)] * len(outputs)
+    batch = args[0].shape[0]
+    results = pl.pallas_call(
+        functools.partial(kernel, plan=plan, heads=heads),
+        grid=grid(plan, rows, batch, heads), in_specs=in_specs + whole_array_specs(extra),
+        out_specs=out_specs, out_shape=out_shape, compiler_params=plan.compiler_params(),
+        interpret=plan.interpret, name=name,
+    )(*args, *extra)
+    main, parts = results[: len(outputs)], results[len(outputs):]
+    if plan.split:
+        main = [add_partial_sums(r, p, schedule.split, block) for r, p in zip(main, parts,
+                                                                               strict=True)]
+    return list(main)
 
 
 def flash_backward(
@@ -175,7 +192,7 @@ def flash_backward(
     query-gradient kernels' plans; ``schedules``: for sparse plans, their host schedules (query
     tiles per key tile, key tiles per query tile); ``streams``: dropout stream words when the
     plans drop."""
-    batch, q_len, heads, head_dim = q.shape
+    _, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
     # delta = rowsum(dO * O): one cheap fused XLA reduction, [b, h, nq] float32.
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -190,21 +207,11 @@ def flash_backward(
     if plan.has_bias:
         specs.append(bias_row_spec(plan, plan.block_k, k_len))
         args.append(bias)
-    extra = _extra_inputs(plan, streams, by_key)
-    specs += whole_array_specs(extra)
-    args += extra
-    out_specs = [k_spec, k_spec]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    _with_parts(plan, k.shape, plan.block_k, out_specs, out_shape, 2, head_dim)
-    dk, dv, *parts = pl.pallas_call(
-        functools.partial(_key_value_grads_kernel, plan=plan, heads=heads),
-        grid=grid(plan, plan.k_tiles, batch, heads), in_specs=specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=plan.compiler_params(), interpret=plan.interpret,
-        name="flash_backward_dkdv",
-    )(*args)
-    if plan.split:
-        dk = add_partial_sums(dk, parts[0], by_key.split, plan.block_k)
-        dv = add_partial_sums(dv, parts[1], by_key.split, plan.block_k)
+    dk, dv = _launch(_key_value_grads_kernel, plan, by_key, streams, rows=plan.k_tiles,
+                     block=plan.block_k, in_specs=specs, args=args,
+                     outputs=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                              jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     out_spec=k_spec, heads=heads, name="flash_backward_dkdv")
 
     # Query gradients: a program per query tile.
     plan = q_plan
@@ -216,17 +223,8 @@ def flash_backward(
     if plan.has_bias:
         specs.append(whole_bias_spec(plan, k_len))
         args.append(bias)
-    extra = _extra_inputs(plan, streams, by_query)
-    specs += whole_array_specs(extra)
-    args += extra
-    out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    _with_parts(plan, q.shape, plan.block_q, out_specs, out_shape, 1, head_dim)
-    dq, *parts = pl.pallas_call(
-        functools.partial(_query_grads_kernel, plan=plan, heads=heads),
-        grid=grid(plan, plan.q_tiles, batch, heads), in_specs=specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=plan.compiler_params(), interpret=plan.interpret,
-        name="flash_backward_dq",
-    )(*args)
-    if plan.split:
-        dq = add_partial_sums(dq, parts[0], by_query.split, plan.block_q)
+    (dq,) = _launch(_query_grads_kernel, plan, by_query, streams, rows=plan.q_tiles,
+                    block=plan.block_q, in_specs=specs, args=args,
+                    outputs=[jax.ShapeDtypeStruct(q.shape, q.dtype)], out_spec=q_spec,
+                    heads=heads, name="flash_backward_dq")
     return dq, dk, dv

@@ -35,6 +35,8 @@ from xformers_zoo.kernels.pallas_common import EMPTY_ROW_LSE
 HEAD_DIMS = (64, 128)
 DTYPES = ("bfloat16", "float16")
 CONSUMERS = 2  # query tiles (warpgroups) per program
+BLOCK_Q = 64  # query rows per consumer warpgroup (one wgmma M tile)
+BLOCK_K = 128  # keys per streamed tile (64 measured 12-20% slower)
 _LN2_INV = 1.0 / math.log(2.0)
 
 
@@ -44,8 +46,8 @@ class MosaicPlan:
 
     scale: float
     has_lengths: bool
-    block_q: int = 64  # query rows per consumer warpgroup (one wgmma M tile)
-    block_k: int = 128
+    block_q: int = BLOCK_Q
+    block_k: int = BLOCK_K
     stages: int = 2  # key/value slots in shared memory
 
     @property
