@@ -36,7 +36,9 @@ It serves the dense case only: bf16/fp16, head_dim 64 or 128, non-causal, no mas
 lengths multiples of the tiles (the caller pads; padded keys would need a mask, padded queries
 need dO = 0 rows, which give zero contributions).
 
-There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the GPU only.
+There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the GPU only. Not yet
+used by ``pallas_attention``: kernels/NOTES.md (v7) has its timings and an unexplained
+intermittent stall seen in the small GPU test cases.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (1024 / D): cuDNN (under jax.vjp), the current Pallas path (``pallas_attention``: its forward,
 two-launch Triton backward), and the Mosaic forward followed by the fused Mosaic backward (whose
 fwd+bwd is the sum of the two launches' times; the backward includes the delta reduction and the
-dQ cast). Prints compile times (Mosaic GPU kernels take tens of seconds) and the fused
-backward's relative gradient error against cuDNN's.
+dQ cast). Prints compile times and the fused backward's relative gradient error against
+cuDNN's.
 
     python3 scripts/time_mosaic_backward.py --n 16384 --d 64 [--plans default no-dq]
 
@@ -93,8 +93,8 @@ def main():
     for pname in args.plans:
         plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **PLANS[pname])
 
-        def bwd(q, k, v, o, l, g, plan=plan):
-            dq, dk, dv = mosaic_backward(q, k, v, o, l, g, scale, plan)
+        def bwd(q, k, v, o, lse, g, plan=plan):
+            dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, scale, plan)
             return dq.astype(q.dtype), dk, dv
         bwds[pname] = compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
         log(f"running fused bwd [{pname}]")
@@ -110,7 +110,7 @@ def main():
         got = bwds["default"](q, k, v, out, lse, d_out)
         want = cudnn_fb(q, k, v, d_out)[1]
         log("fused (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
-            f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want)))
+            f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want, strict=True)))
     if not args.skip_current:
         ours = lambda q, k, v: pallas_attention(q, k, v, scale=scale)
         res["current fwd"] = timeit(compiled("current fwd", ours, q, k, v), q, k, v)

@@ -42,7 +42,7 @@ def inputs(seed, n, head_dim, dtype, batch=2, heads=2):
 
 
 def check(grads, want, dtype, tol=2e-2):
-    for name, got, ref in zip("qkv", grads, want):
+    for name, got, ref in zip("qkv", grads, want, strict=True):
         assert got.shape == ref.shape
         assert got.dtype == (jnp.float32 if name == "q" else dtype), name
         err = rel_err(got, ref)
@@ -64,9 +64,11 @@ def test_gpu_gradients(n, head_dim):
     check(grads, want, dtype)
 
 
+PLAN_CHANGES = [dict(overlap=False), dict(dq_swizzle=False), dict(stagger=False), dict(stages=3)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("change", [dict(overlap=False), dict(dq_swizzle=False), dict(stagger=False),
-                                    dict(stages=3)],
+@pytest.mark.parametrize("change", PLAN_CHANGES,
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_gpu_plan_variants(change):
     dtype, n, head_dim = jnp.float16, 512, 64
