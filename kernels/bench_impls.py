@@ -39,18 +39,18 @@ def parse_tiles(text: str) -> FlashTiles:
     return FlashTiles(*passes)
 
 
-def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0, forward=None):
-    """Our kernels; ``forward`` None picks the forward kernel as calls do (Mosaic on Hopper
-    where it serves)."""
+def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0, kernels=None):
+    """Our kernels; ``kernels`` None picks the kernel family as calls do (Mosaic on Hopper where
+    it serves)."""
     del b, n, h
     return (lambda q, k, v: pallas_attention(
         q, k, v, block_mask=block_mask, tiles=tiles, scale=d**-0.5, dropout_rate=dropout_rate,
-        dropout_rng=_dropout_key(dropout_rate), forward=forward)), None
+        dropout_rng=_dropout_key(dropout_rate), kernels=kernels)), None
 
 
 def pallas_triton(**kwargs):
-    """Our kernels with the Triton forward everywhere (the Mosaic forward's baseline)."""
-    return pallas(**kwargs, forward="triton")
+    """Our Triton kernels everywhere (the Mosaic kernels' baseline)."""
+    return pallas(**kwargs, kernels="triton")
 
 
 def cudnn(*, b, n, h, d, **_):

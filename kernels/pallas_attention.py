@@ -9,11 +9,13 @@ Rows much longer than the typical one (global tokens) are split over several pro
 (kernels/pallas_split.py). Attention dropout is applied inside the kernels from a counter-based
 hash, so no mask is stored (kernels/pallas_dropout.py).
 
-On a CUDA GPU the kernels lower through Pallas' Triton backend (see kernels/NOTES.md for why).
-Elsewhere they can run in Pallas interpret mode, which executes the same kernel bodies with
-ordinary XLA operations: pass ``interpret=True``, or set ``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so
-that ``dot_product_attention(..., implementation=("pallas", ...))`` accepts CPU calls (slow; for
-tests and debugging).
+On a CUDA GPU the kernels lower through Pallas' Triton backend; on Hopper GPUs, dense
+non-causal calls without dropout run instead the Mosaic GPU kernels (FlashAttention-3 structure:
+``pallas_mosaic_forward``, ``pallas_mosaic_backward``; kernels/NOTES.md has the measurements
+behind both choices). Elsewhere they can run in Pallas interpret mode, which executes the same
+kernel bodies with ordinary XLA operations: pass ``interpret=True``, or set
+``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so that ``dot_product_attention(..., implementation=
+("pallas", ...))`` accepts CPU calls (slow; for tests and debugging).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from xformers_zoo.kernels.pallas_common import (
 )
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
+from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 from xformers_zoo.kernels.pallas_mosaic_forward import (
     BLOCK_K,
     BLOCK_Q,
@@ -48,7 +51,7 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
 from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
-FORWARDS = ("mosaic", "triton")
+KERNEL_FAMILIES = ("mosaic", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -190,7 +193,7 @@ def pallas_attention(
     interpret: bool | None = None,
     tiles: FlashTiles | None = None,
     key_mask_is_prefix: bool = False,
-    forward: str | None = None,
+    kernels: str | None = None,
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
@@ -198,9 +201,9 @@ def pallas_attention(
     decisions drawn from ``dropout_rng`` (``pallas_dropout.keep_mask`` materialises them).
     ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
     ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
-    padding (the Mosaic forward then takes sequence lengths). ``forward`` picks the forward
-    kernel: "mosaic" (Hopper wgmma kernel, dense calls only), "triton", or None: Mosaic where
-    it serves the call on a Hopper GPU, else Triton.
+    padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
+    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls without dropout), "triton",
+    or None: Mosaic where it serves the call on a Hopper GPU, else Triton.
     """
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
@@ -222,11 +225,11 @@ def pallas_attention(
             *_zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
             scale=scale, causal=causal,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng, interpret=interpret, tiles=tiles,
-            key_mask_is_prefix=key_mask_is_prefix, forward=forward)
+            key_mask_is_prefix=key_mask_is_prefix, kernels=kernels)
         return out[..., :head_dim]
     tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
     passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
-    use_mosaic = _use_mosaic(forward, interpret, str(q.dtype), head_dim, causal=causal,
+    use_mosaic = _use_mosaic(kernels, interpret, str(q.dtype), head_dim, causal=causal,
                              block_mask=block_mask, key_mask=key_mask,
                              key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
     if use_mosaic:  # its tiles set the padding of q and k/v too
@@ -235,7 +238,7 @@ def pallas_attention(
     k_pad = _round_up(k_len, max(t.block_k for t in passes))
 
     has_bias = key_mask is not None or k_pad != k_len
-    # Padded keys are masked by sequence lengths in the Mosaic forward.
+    # Padded keys are masked by sequence lengths in the Mosaic kernels.
     mosaic = MosaicPlan(scale=scale, has_lengths=has_bias) if use_mosaic else None
     bias = None
     if has_bias:
@@ -275,15 +278,15 @@ def pallas_attention(
     return out[:, :q_len]
 
 
-def _use_mosaic(forward: str | None, interpret: bool, dtype: str, head_dim: int, *,
+def _use_mosaic(kernels: str | None, interpret: bool, dtype: str, head_dim: int, *,
                 causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
                 dropout_rate: float) -> bool:
-    """Whether the Mosaic forward runs this call (else the Triton forward). Asked for by
-    name, it must serve the call or the reason is raised."""
-    if forward not in (None, *FORWARDS):
-        raise ValueError(f"pallas attention: forward must be one of {FORWARDS} or None, got "
-                         f"{forward!r}")
-    if forward == "triton":
+    """Whether the Mosaic kernels run this call (else the Triton kernels). Asked for by name,
+    they must serve the call or the reason is raised."""
+    if kernels not in (None, *KERNEL_FAMILIES):
+        raise ValueError(f"pallas attention: kernels must be one of {KERNEL_FAMILIES} or None, "
+                         f"got {kernels!r}")
+    if kernels == "triton":
         return False
     reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
                             has_key_mask=key_mask is not None,
@@ -295,8 +298,8 @@ def _use_mosaic(forward: str | None, interpret: bool, dtype: str, head_dim: int,
         if capability is None or not capability.startswith("9."):
             reason = f"it needs a Hopper GPU (compute capability 9.x), device has {capability!r}"
     if reason is not None:
-        if forward == "mosaic":
-            raise ValueError(f"pallas attention: the Mosaic forward cannot serve this call: "
+        if kernels == "mosaic":
+            raise ValueError(f"pallas attention: the Mosaic kernels cannot serve this call: "
                              f"{reason}")
         return False
     return True
@@ -306,8 +309,8 @@ def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, 
            mosaic: MosaicPlan | None):
     """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
     gradients); schedules enter as trace-time constants, dropout streams and key lengths (the
-    Mosaic forward's key mask) as inputs. With ``mosaic``, the Mosaic kernel runs the forward;
-    both forwards save the same residuals, so the backward kernels are shared."""
+    Mosaic kernels' key mask) as inputs. With ``mosaic``, the Mosaic kernels run both passes
+    (one fused backward launch) instead."""
     fwd_plan, kv_plan, q_plan = plans
 
     def forward(q, k, v, bias, streams, lengths):
@@ -321,12 +324,17 @@ def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, 
 
     def attend_fwd(q, k, v, bias, streams, lengths):
         out, lse = forward(q, k, v, bias, streams, lengths)
-        return out, (q, k, v, bias, streams, out, lse)
+        return out, (q, k, v, bias, streams, lengths, out, lse)
 
     def attend_bwd(residuals, d_out):
-        q, k, v, bias, streams, out, lse = residuals
-        dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
-                                    (kv_plan, q_plan))
+        q, k, v, bias, streams, lengths, out, lse = residuals
+        if mosaic is not None:
+            plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths)
+            dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan)
+            dq = dq.astype(q.dtype)
+        else:
+            dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
+                                        (kv_plan, q_plan))
         return dq, dk, dv, None if bias is None else jnp.zeros_like(bias), None, None
 
     attend.defvjp(attend_fwd, attend_bwd)

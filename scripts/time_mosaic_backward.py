@@ -1,6 +1,6 @@
 """Times attention forward+backward on one GPU, bf16, dense non-causal, B x H = (16384 / N) x
-(1024 / D): cuDNN (under jax.vjp), the current Pallas path (``pallas_attention``: its forward,
-two-launch Triton backward), and the Mosaic forward followed by the fused Mosaic backward (whose
+(1024 / D): cuDNN (under jax.vjp), the Triton kernels (``pallas_attention(kernels="triton")``:
+two-launch backward), and the Mosaic forward followed by the fused Mosaic backward (whose
 fwd+bwd is the sum of the two launches' times; the backward includes the delta reduction and the
 dQ cast). Prints compile times and the fused backward's relative gradient error against
 cuDNN's.
@@ -26,9 +26,9 @@ from xformers_zoo.kernels.pallas_mosaic_forward import MosaicPlan, mosaic_forwar
 PLANS = {
     "default": {},
     "serial": dict(overlap=False),
-    "dq-unswizzled": dict(dq_swizzle=False),
     "no-stagger": dict(stagger=False),
     "3-stages": dict(stages=3),
+    "regs-240": dict(consumer_registers=240, producer_registers=24),
     "no-dq": dict(skip_dq_store=True),  # diagnostic: wrong dQ, measures the reduce-adds' cost
 }
 T0 = time.perf_counter()
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--plans", nargs="+", default=["default"])
-    parser.add_argument("--skip-current", action="store_true")
+    parser.add_argument("--skip-triton", action="store_true")
     args = parser.parse_args()
     n, d = args.n, args.d
     b, h = 16384 // n, 1024 // d
@@ -94,7 +94,7 @@ def main():
         plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **PLANS[pname])
 
         def bwd(q, k, v, o, lse, g, plan=plan):
-            dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, scale, plan)
+            dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, None, plan)
             return dq.astype(q.dtype), dk, dv
         bwds[pname] = compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
         log(f"running fused bwd [{pname}]")
@@ -111,12 +111,12 @@ def main():
         want = cudnn_fb(q, k, v, d_out)[1]
         log("fused (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
             f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want, strict=True)))
-    if not args.skip_current:
-        ours = lambda q, k, v: pallas_attention(q, k, v, scale=scale)
-        res["current fwd"] = timeit(compiled("current fwd", ours, q, k, v), q, k, v)
-        res["current fwd+bwd"] = timeit(compiled("current fwd+bwd", fwd_bwd(ours), q, k, v,
+    if not args.skip_triton:
+        ours = lambda q, k, v: pallas_attention(q, k, v, scale=scale, kernels="triton")
+        res["triton fwd"] = timeit(compiled("triton fwd", ours, q, k, v), q, k, v)
+        res["triton fwd+bwd"] = timeit(compiled("triton fwd+bwd", fwd_bwd(ours), q, k, v,
                                                  d_out), q, k, v, d_out)
-    for a, base in (("cudnn", "cudnn fwd"), ("current", "current fwd")):
+    for a, base in (("cudnn", "cudnn fwd"), ("triton", "triton fwd")):
         if f"{a} fwd+bwd" in res:
             res[f"{a} bwd (fwd+bwd - fwd)"] = res[f"{a} fwd+bwd"] - res[base]
     print(f"== N={n} D={d} B={b} H={h} bf16 (fwd {flops_fwd / 1e12:.2f} TFLOP; "

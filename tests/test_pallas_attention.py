@@ -75,7 +75,7 @@ def run_and_check(seed, *, batch, q_len, k_len, heads, head_dim, dtype, tol, til
     d_out = jax.random.normal(keys[3], q.shape).astype(dtype)
 
     # Options that choose kernels but do not change the result go to the kernels only.
-    kernel_only = {name: options.pop(name) for name in ("key_mask_is_prefix", "forward")
+    kernel_only = {name: options.pop(name) for name in ("key_mask_is_prefix", "kernels")
                    if name in options}
 
     def attend(q, k, v):

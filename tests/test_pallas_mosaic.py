@@ -1,6 +1,6 @@
-"""The Mosaic GPU forward kernel. It has no interpret mode, so on CPU only its selection logic
-is tested; the ``gpu`` tests check it against the float64 reference (outputs, and gradients
-through the shared backward kernels)."""
+"""The Mosaic GPU kernels (forward and fused backward) through ``pallas_attention``. They have
+no interpret mode, so on CPU only their selection logic is tested; the ``gpu`` tests check
+outputs and q, k, v gradients against the float64 reference."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ def test_mosaic_rejects_name_the_reason():
 def test_mosaic_forward_by_name_explains_refusal():
     q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="no interpret mode"):
-        pallas_attention(q, q, q, interpret=True, forward="mosaic")
-    with pytest.raises(ValueError, match="Mosaic forward cannot serve.*causal"):
-        pallas_attention(q, q, q, interpret=True, forward="mosaic", causal=True)
-    with pytest.raises(ValueError, match="forward must be one of"):
-        pallas_attention(q, q, q, interpret=True, forward="cuda")
+        pallas_attention(q, q, q, interpret=True, kernels="mosaic")
+    with pytest.raises(ValueError, match="Mosaic kernels cannot serve.*causal"):
+        pallas_attention(q, q, q, interpret=True, kernels="mosaic", causal=True)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        pallas_attention(q, q, q, interpret=True, kernels="cuda")
 
 
 MOSAIC_CASES = [
@@ -49,21 +49,24 @@ MOSAIC_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MOSAIC_CASES,
                          ids=lambda c: f"d{c['head_dim']}-q{c['q_len']}-k{c['k_len']}")
-def test_gpu_mosaic_forward(case):
+def test_gpu_mosaic_kernels(case):
     case = dict(case)
     lengths = case.pop("lengths")
     key_mask = None
     if lengths is not None:
         key_mask = jnp.arange(case["k_len"])[None, :] < jnp.array(lengths)[:, None]
     run_and_check(21, batch=3, heads=2, tol=2e-2, tiles=None, interpret=False,
-                  key_mask=key_mask, key_mask_is_prefix=True, forward="mosaic", **case)
+                  key_mask=key_mask, key_mask_is_prefix=True, kernels="mosaic", **case)
 
 
 @pytest.mark.gpu
-def test_gpu_mosaic_forward_is_chosen_on_hopper():
+def test_gpu_mosaic_kernels_are_chosen_on_hopper():
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     if not capability.startswith("9."):
         pytest.skip(f"not a Hopper GPU (compute capability {capability})")
     q = jax.random.normal(jax.random.key(0), (1, 256, 2, 64), jnp.bfloat16)
-    text = jax.jit(lambda q: pallas_attention(q, q, q)).lower(q).as_text()
-    assert "flash_forward" not in text  # the Triton forward's kernel name
+    loss = lambda q: pallas_attention(q, q, q).astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss)).lower(q).as_text()
+    assert "mosaic_flash_backward" in text
+    for triton_kernel in ("flash_forward", "flash_backward_dkdv", "flash_backward_dq"):
+        assert triton_kernel not in text

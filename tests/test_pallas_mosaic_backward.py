@@ -1,8 +1,9 @@
-"""The Mosaic GPU backward kernel against float32 XLA gradients (jax.vjp of plain softmax
-attention), fed with reference residuals and, once, with the Mosaic forward's own (O, LSE).
-GPU only: the kernel has no interpret mode."""
+"""The fused Mosaic GPU backward kernel on its own, against float32 XLA gradients (jax.vjp of
+plain softmax attention with a key padding mask), fed with reference residuals and, once, with
+the Mosaic forward's own (O, LSE); every plan option that changes the kernel's code is run.
+GPU only: the kernel has no interpret mode (``test_pallas_mosaic`` covers it through
+``pallas_attention`` against the float64 reference)."""
 
-import dataclasses
 import math
 
 import jax
@@ -13,18 +14,23 @@ import pytest
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 
 
-def attention(q, k, v, scale):
+def attention(q, k, v, scale, visible):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
 
 
-def reference(q, k, v, d_out, scale):
+def reference(q, k, v, d_out, scale, lengths):
     """Output, base-2 LSE of the scaled logits and the q, k, v gradients, all float32."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    visible = jnp.arange(k.shape[1])[None, :] < (
+        k.shape[1] if lengths is None else lengths[:, None])
+    visible = jnp.broadcast_to(visible, (k.shape[0], k.shape[1]))
     with jax.default_matmul_precision("highest"):
-        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, scale), *f32[:3])
+        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, scale, visible), *f32[:3])
         grads = vjp(f32[3])
         s = jnp.einsum("bqhd,bkhd->bhqk", *f32[:2]) * scale
+        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1) / math.log(2.0)
     return out, lse, grads
 
@@ -41,44 +47,48 @@ def inputs(seed, n, head_dim, dtype, batch=2, heads=2):
     return [jax.random.normal(kk, (batch, n, heads, head_dim), dtype) for kk in keys]
 
 
-def check(grads, want, dtype, tol=2e-2):
+def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, **plan_changes):
+    q, k, v, d_out = inputs(seed + n + head_dim, n, head_dim, dtype)
+    scale = head_dim ** -0.5
+    if lengths is not None:
+        lengths = jnp.array(lengths, jnp.int32)
+    out, lse, want = reference(q, k, v, d_out, scale, lengths)
+    plan = MosaicBackwardPlan(scale=scale, has_lengths=lengths is not None, **plan_changes)
+    grads = jax.jit(lambda *a: mosaic_backward(*a, plan))(q, k, v, out.astype(dtype), lse, d_out,
+                                                           lengths)
     for name, got, ref in zip("qkv", grads, want, strict=True):
         assert got.shape == ref.shape
         assert got.dtype == (jnp.float32 if name == "q" else dtype), name
         err = rel_err(got, ref)
-        assert err < tol, f"d{name}: relative error {err:.4f}"
-
-
-CASES = [(256, 64), (1024, 64), (256, 128), (1024, 128)]
+        assert err < 2e-2, f"d{name}: relative error {err:.4f}"
+    return grads
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,head_dim", CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("n,head_dim", [(256, 64), (1024, 64), (256, 128), (1024, 128)],
+                         ids=lambda x: str(x))
 def test_gpu_gradients(n, head_dim):
-    dtype = jnp.bfloat16
-    q, k, v, d_out = inputs(n + head_dim, n, head_dim, dtype)
-    scale = head_dim ** -0.5
-    out, lse, want = reference(q, k, v, d_out, scale)
-    grads = jax.jit(mosaic_backward, static_argnums=6)(q, k, v, out.astype(dtype), lse, d_out,
-                                                       scale)
-    check(grads, want, dtype)
+    run(n, head_dim)
 
 
-PLAN_CHANGES = [dict(overlap=False), dict(dq_swizzle=False), dict(stagger=False), dict(stages=3)]
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_key_lengths(head_dim):
+    """Keys past each sequence's length get no gradient and give none; a program whose keys
+    all lie past the length (the second sequence's last key blocks) skips its sweep."""
+    dq, dk, dv = run(512, head_dim, dtype=jnp.float16, lengths=[512, 131])
+    assert np.all(np.asarray(dk[1, 131:]) == 0.0) and np.all(np.asarray(dv[1, 131:]) == 0.0)
+
+
+PLAN_CHANGES = [dict(overlap=False), dict(stagger=False), dict(stages=3),
+                dict(consumer_registers=240, producer_registers=24)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("change", PLAN_CHANGES,
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_gpu_plan_variants(change):
-    dtype, n, head_dim = jnp.float16, 512, 64
-    q, k, v, d_out = inputs(3, n, head_dim, dtype)
-    scale = head_dim ** -0.5
-    out, lse, want = reference(q, k, v, d_out, scale)
-    plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **change)
-    grads = jax.jit(lambda *a: mosaic_backward(*a, scale, plan))(q, k, v, out.astype(dtype), lse,
-                                                                 d_out)
-    check(grads, want, dtype)
+    run(512, 64, dtype=jnp.float16, **change)
 
 
 @pytest.mark.gpu
@@ -90,11 +100,27 @@ def test_gpu_after_mosaic_forward(head_dim):
     dtype, n = jnp.bfloat16, 1024
     q, k, v, d_out = inputs(5, n, head_dim, dtype)
     scale = head_dim ** -0.5
-    _, _, want = reference(q, k, v, d_out, scale)
+    _, _, want = reference(q, k, v, d_out, scale, None)
 
     @jax.jit
     def both(q, k, v, d_out):
         out, lse = mosaic_forward(q, k, v, None, MosaicPlan(scale=scale, has_lengths=False))
-        return mosaic_backward(q, k, v, out, lse, d_out, scale)
+        return mosaic_backward(q, k, v, out, lse, d_out, None,
+                               MosaicBackwardPlan(scale=scale))
 
-    check(both(q, k, v, d_out), want, dtype)
+    for name, got, ref in zip("qkv", both(q, k, v, d_out), want, strict=True):
+        assert rel_err(got, ref) < 2e-2, f"d{name}"
+
+
+def test_rejects_unaligned_lengths_and_missing_lengths():
+    q = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 100), jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mosaic_backward(q, q, q, q, lse, q, None, MosaicBackwardPlan(scale=1.0))
+    q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 128), jnp.float32)
+    with pytest.raises(ValueError, match="lengths must be given"):
+        mosaic_backward(q, q, q, q, lse, q, None, MosaicBackwardPlan(scale=1.0, has_lengths=True))
+    with pytest.raises(ValueError, match="head_dim one of"):
+        x = jnp.zeros((1, 128, 1, 32), jnp.bfloat16)
+        mosaic_backward(x, x, x, x, lse, x, None, MosaicBackwardPlan(scale=1.0))

@@ -71,7 +71,7 @@ def time_shape(n, d):
     plan = MosaicPlan(scale=scale, has_lengths=True)
     fn = jax.jit(lambda q, k, v, lengths: mosaic_forward(q, k, v, lengths, plan)[0])
     times["mosaic len n-100"] = timeit(fn, q, k, v, lengths)
-    fn = jax.jit(lambda q, k, v: pallas_attention(q, k, v, scale=scale, forward="triton"))
+    fn = jax.jit(lambda q, k, v: pallas_attention(q, k, v, scale=scale, kernels="triton"))
     times["triton fwd"] = timeit(fn, q, k, v)
     fn = jax.jit(lambda q, k, v: cudnn_attention(q, k, v, scale=scale))
     times["cudnn fwd"] = timeit(fn, q, k, v)

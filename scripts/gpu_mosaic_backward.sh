@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# GPU-machine job for the Mosaic kernels' fused backward. Steps (any subset, in order given):
+#   kernel-tests  the kernel's own GPU tests
+#   tests         the GPU tests of pallas_attention with both kernel families
+#   stall         many launches on small grids (a stall shows as a timeout, not a lost call)
+#   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
+#   ptxas         ptxas register and spill report of the D = 128 kernel
+# Logs go to OUTDIR/r and are packed into OUTDIR/mosaic_backward.tgz; summaries go to stdout.
+# Usage: SHAPES="16384:64 4096:128" bash scripts/gpu_mosaic_backward.sh OUTDIR STEP...
+set -uo pipefail
+out=${1:?output folder}
+shift
+logs="$out/r"
+mkdir -p "$logs"
+source scripts/gpu_setup.sh > "$logs/setup.log" 2>&1 || { tail "$logs/setup.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+run() {  # run NAME SECONDS CMD...: one step, its log in $logs/NAME.log, its status echoed
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+  echo "== $name: exit $? in $((SECONDS - start)) s"
+}
+for step in "$@"; do
+  case $step in
+    kernel-tests)
+      run kernel_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_pallas_mosaic_backward.py
+      tail -4 "$logs/kernel_tests.log" ;;
+    tests)
+      run tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_pallas_mosaic.py tests/test_pallas_attention.py
+      tail -4 "$logs/tests.log" ;;
+    stall)
+      run stall 90 python3 - <<'PY'
+import jax, jax.numpy as jnp
+from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
+for n, d in [(256, 64), (256, 128), (512, 64), (1024, 128)]:
+    plan = MosaicBackwardPlan(scale=d ** -0.5)
+    f = jax.jit(lambda *a: mosaic_backward(*a, None, plan))
+    for i in range(200):
+        ks = jax.random.split(jax.random.key(i), 4)
+        q, k, v, g = (jax.random.normal(kk, (2, n, 2, d), jnp.bfloat16) for kk in ks)
+        lse = jnp.full((2, 2, n), 8.0, jnp.float32)
+        jax.block_until_ready(f(q, k, v, q, lse, g))
+    print(f"n={n} d={d}: 200 launches done", flush=True)
+PY
+      tail -4 "$logs/stall.log" ;;
+    time)
+      for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do
+        n=${shape%:*} d=${shape#*:}
+        run "time_${n}_${d}" 100 python3 scripts/time_mosaic_backward.py --n "$n" --d "$d" \
+          --plans ${PLANS:-default regs-240 no-dq}
+        grep -E "relative error|^==|  " "$logs/time_${n}_${d}.log" | grep -v compiled
+      done ;;
+    ptxas)
+      mkdir -p "$logs/ptxas"
+      MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$logs/ptxas" run ptxas 60 python3 \
+        scripts/time_mosaic_backward.py --n 1024 --d 128 --plans default serial --skip-triton
+      grep -h -i "registers\|spill" "$logs"/ptxas.log "$logs"/ptxas/* 2>/dev/null \
+        | sort | uniq -c | head -20 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+tar czf "$out/mosaic_backward.tgz" -C "$out" r && rm -rf "$logs"
