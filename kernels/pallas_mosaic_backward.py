@@ -56,9 +56,6 @@ from jaxtyping import Array, Float, Int
 from xformers_zoo.kernels.pallas_mosaic_forward import DTYPES, HEAD_DIMS
 
 CONSUMERS = 2  # key tiles (warpgroups) per program
-# dS^T buffers: with the dQ product deferred by a step, a consumer may store step i + 1's dS^T
-# while the other still reads step i - 1's.
-_DS_BUFFERS = 3
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -77,8 +74,6 @@ class MosaicBackwardPlan:
     # Keep products in flight while the warpgroup computes (see _kernel's step); False awaits
     # each product group before going on.
     overlap: bool = True
-    # Issue each step's dQ product in the next step, under its exponentials (see _kernel).
-    defer_dq: bool = True
     # Timing diagnostic only (gives a wrong dQ): skip the dQ reduce-adds, to measure their cost.
     skip_dq_store: bool = False
     consumer_registers: int = 232
@@ -183,30 +178,25 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             return (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
 
         def dq_product(dq_acc, buf):
-            """This consumer's dQ columns from both consumers' dS^T (read transposed): one
-            wgmma group per consumer."""
+            """This consumer's dQ columns from both consumers' dS^T (read transposed)."""
             for j in range(CONSUMERS):
                 plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)),
                             k_smem.at[j].at[:, pl.ds(wg * half, half)])
 
-        def await_scores(buf, when=True):
-            """Waits until both consumers stored their dS^T in ``buf`` (if ``when``)."""
-            pl.when(when)(lambda: plgpu.barrier_wait(ds_stored.at[buf]))
+        def share_scores(ds_t, buf):
+            """Stores dS^T for both consumers' dQ products and waits for the other's."""
+            ds_smem.at[buf, wg][...] = ds_t
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_stored.at[buf])
+            plgpu.barrier_wait(ds_stored.at[buf])
 
         def step(i, carry):
             """With ``overlap``: S^T and dP^T are issued together and P^T computed under dP^T;
-            dV is issued as soon as P^T exists and runs under dS^T, dK under the dS^T store.
-            Without: each group is awaited before the next. With ``defer_dq`` the dQ product
-            of the previous step is issued right after S^T and dP^T (the other consumer has
-            usually stored its half of that dS^T long before), so it runs under the
-            exponentials instead of holding both consumers at a barrier in lockstep."""
-            slot, buf = lax.rem(i, stages), lax.rem(i, _DS_BUFFERS)
-            prev = lax.rem(i + _DS_BUFFERS - 1, _DS_BUFFERS)
+            dV is issued as soon as P^T exists and runs under dS^T; dK runs while dS^T is
+            exchanged, dQ after it. Without: each group is awaited before the next."""
+            slot, buf = lax.rem(i, stages), lax.rem(i, 2)
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-            # wgmma groups still allowed in flight when S^T, then dP^T, are read.
-            dq_groups = CONSUMERS if plan.defer_dq else 0
-            s_pending = 1 + dq_groups if plan.overlap else 0
-            dp_pending = dq_groups + 1 if plan.overlap else 0
+            pending = 1 if plan.overlap else 0
             plgpu.barrier_wait(q_ready.at[slot])
             plgpu.barrier_wait(do_ready.at[slot])
 
@@ -216,44 +206,28 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
                 def scoped(s_acc, dp_acc):
                     plgpu.wgmma(s_acc, k_tile, q_tile.transpose((1, 0)))
                     plgpu.wgmma(dp_acc, v_tile, do_tile.transpose((1, 0)))
-                    if plan.defer_dq:  # at step 0 this reads a stale buffer, discarded below
-                        await_scores(prev, i > 0)
-                        dq_product(dq_acc, prev)
-                    s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=s_pending)
+                    s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=pending)
                     p_t = probabilities(s_t, slot)
                     plgpu.wgmma(dv_acc, p_t.astype(dtype), do_tile)
-                    dp_t = plgpu.wgmma_accumulator_load(dp_acc, wait_n=dp_pending)
+                    dp_t = plgpu.wgmma_accumulator_load(dp_acc, wait_n=pending)
                     ds_t = score_grads(p_t, dp_t, slot)
                     plgpu.wgmma(dk_acc, ds_t, q_tile)
                     if not plan.overlap:
                         plgpu.wgmma_wait(0)
-                    ds_smem.at[buf, wg][...] = ds_t
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(ds_stored.at[buf])
+                    share_scores(ds_t, buf)
 
                 pl.run_scoped(scoped, plgpu.ACC((block_k, block_q), jnp.float32),
                               plgpu.ACC((block_k, block_q), jnp.float32))
-                if not plan.defer_dq:
-                    await_scores(buf)
-                    dq_product(dq_acc, buf)
+                dq_product(dq_acc, buf)
 
             dk, dv = carry
             dk, dv, dq = pl.run_state(body)(
                 (plgpu.ACC.init(dk), plgpu.ACC.init(dv), plgpu.ACC.init(zeros_qh)))
             plgpu.barrier_arrive(free.at[slot])  # Q, dO, LSE and delta of this slot are used
-            if plan.defer_dq:
-                pl.when(i > 0)(lambda: send_dq(i - 1, dq))
-            else:
-                send_dq(i, dq)
+            send_dq(i, dq)
             return dk, dv
 
         dk, dv = lax.fori_loop(0, steps, step, (zeros_kd, zeros_kd))
-        if plan.defer_dq:  # the last step's dQ (skipped programs compute a discarded one)
-            last = steps - 1
-            last_buf = lax.rem(last + _DS_BUFFERS, _DS_BUFFERS)
-            await_scores(last_buf, steps > 0)
-            dq = pl.run_state(lambda acc: dq_product(acc, last_buf))(plgpu.ACC.init(zeros_qh))
-            pl.when(steps > 0)(lambda: send_dq(last, dq))
         v_tile[...] = dv.astype(dtype)  # V is read by this consumer only: stage dV there
         # K is read by both consumers' dQ products: stage dK there once both are done.
         plgpu.barrier_arrive(keys_done)
@@ -337,15 +311,16 @@ def mosaic_backward(
             plgpu.SMEM((plan.stages, plan.block_q, head_dim), dtype, **tile),  # dO
             plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # LSE
             plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # delta
-            plgpu.SMEM((_DS_BUFFERS, CONSUMERS, plan.block_k, plan.block_q), dtype,
-                       **tile),  # dS^T of both consumers
+            # dS^T of both consumers, two steps deep: one consumer may store the next step's
+            # while the other still reads this step's.
+            plgpu.SMEM((2, CONSUMERS, plan.block_k, plan.block_q), dtype, **tile),
             plgpu.SMEM((CONSUMERS, plan.block_q, half), jnp.float32,
                        **_swizzle(half, jnp.float32)),  # dQ staging
         )
         kv_loaded = (plgpu.Barrier(num_barriers=CONSUMERS),) * 2
         q_loaded = (plgpu.Barrier(num_barriers=plan.stages),) * 4
         released = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages)
-        ds_stored = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=_DS_BUFFERS)
+        ds_stored = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2)
         keys_done = plgpu.Barrier(num_arrivals=CONSUMERS)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,

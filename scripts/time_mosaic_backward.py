@@ -29,8 +29,6 @@ PLANS = {
     "no-stagger": dict(stagger=False),
     "3-stages": dict(stages=3),
     "regs-240": dict(consumer_registers=240, producer_registers=24),
-    "no-defer": dict(defer_dq=False),
-    "no-defer-240": dict(defer_dq=False, consumer_registers=240, producer_registers=24),
     "no-dq": dict(skip_dq_store=True),  # diagnostic: wrong dQ, measures the reduce-adds' cost
 }
 T0 = time.perf_counter()
