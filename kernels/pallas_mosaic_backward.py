@@ -56,6 +56,7 @@ from jaxtyping import Array, Float, Int
 from xformers_zoo.kernels.pallas_mosaic_forward import DTYPES, HEAD_DIMS
 
 CONSUMERS = 2  # key tiles (warpgroups) per program
+DQ_SPLITS = ("columns", "steps")
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -74,6 +75,12 @@ class MosaicBackwardPlan:
     # Keep products in flight while the warpgroup computes (see _kernel's step); False awaits
     # each product group before going on.
     overlap: bool = True
+    # How the two consumers share each step's dQ product (over all 2 * block_k keys):
+    # "columns": each computes half of its columns, every step (a [block_q, D/2] accumulator;
+    # the consumers meet at a barrier each step); "steps": they alternate, one computing all
+    # columns of a step while the other goes on (a [block_q, D] accumulator every other step,
+    # and K keeps the 128-byte swizzle at D = 64). None: "columns" for D = 128, else "steps".
+    dq_split: str | None = None
     # Timing diagnostic only (gives a wrong dQ): skip the dQ reduce-adds, to measure their cost.
     skip_dq_store: bool = False
     consumer_registers: int = 232
@@ -120,7 +127,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
     block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
     dtype = k_smem.dtype
     head_dim = k_smem.shape[-1]
-    half = head_dim // CONSUMERS  # dQ columns per consumer
+    by_columns = plan.dq_split == "columns"
+    dq_cols = dq_smem.shape[-1]  # dQ columns one consumer computes in a step
     program_key0 = block * plan.keys_per_program
     if plan.has_lengths:
         length = lengths_ref[batch]
@@ -148,7 +156,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         # Per-query statistics broadcast along the rows (keys) of the transposed tiles.
         column = plgpu.Layout.WGMMA.reduce(0)
         zeros_kd = plgpu.layout_cast(jnp.zeros((block_k, head_dim), jnp.float32), wgmma_layout)
-        zeros_qh = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
+        zeros_qc = plgpu.layout_cast(jnp.zeros((block_q, dq_cols), jnp.float32), wgmma_layout)
+        col0 = wg * dq_cols if by_columns else 0
         log2_scale = plan.scale * _LOG2E
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
@@ -160,7 +169,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             dq_tile[...] = dq * plan.scale
             plgpu.commit_smem()
-            rows = (batch, pl.ds(tile_at(i) * block_q, block_q), head, pl.ds(wg * half, half))
+            rows = (batch, pl.ds(tile_at(i) * block_q, block_q), head, pl.ds(col0, dq_cols))
             plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
 
         def probabilities(s_t, slot):
@@ -180,15 +189,20 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         def dq_product(dq_acc, buf):
             """This consumer's dQ columns from both consumers' dS^T (read transposed)."""
             for j in range(CONSUMERS):
-                plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)),
-                            k_smem.at[j].at[:, pl.ds(wg * half, half)])
+                k_cols = k_smem.at[j].at[:, pl.ds(col0, dq_cols)] if by_columns else k_smem.at[j]
+                plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)), k_cols)
 
         def share_scores(ds_t, buf):
-            """Stores dS^T for both consumers' dQ products and waits for the other's."""
+            """Stores dS^T for the dQ products. By columns both consumers need both halves
+            and wait for each other; by steps consumer ``buf`` (= step parity) computes this
+            step's dQ and waits, after its own step, for the other's half."""
             ds_smem.at[buf, wg][...] = ds_t
             plgpu.commit_smem()
-            plgpu.barrier_arrive(ds_stored.at[buf])
-            plgpu.barrier_wait(ds_stored.at[buf])
+            if by_columns:
+                plgpu.barrier_arrive(ds_stored.at[buf])
+                plgpu.barrier_wait(ds_stored.at[buf])
+            else:
+                pl.when(wg != buf)(lambda: plgpu.barrier_arrive(ds_stored.at[buf]))
 
         def step(i, carry):
             """With ``overlap``: S^T and dP^T are issued together and P^T computed under dP^T;
@@ -218,13 +232,22 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
                 pl.run_scoped(scoped, plgpu.ACC((block_k, block_q), jnp.float32),
                               plgpu.ACC((block_k, block_q), jnp.float32))
-                dq_product(dq_acc, buf)
+                if by_columns:
+                    dq_product(dq_acc, buf)
 
             dk, dv = carry
             dk, dv, dq = pl.run_state(body)(
-                (plgpu.ACC.init(dk), plgpu.ACC.init(dv), plgpu.ACC.init(zeros_qh)))
+                (plgpu.ACC.init(dk), plgpu.ACC.init(dv), plgpu.ACC.init(zeros_qc)))
             plgpu.barrier_arrive(free.at[slot])  # Q, dO, LSE and delta of this slot are used
-            send_dq(i, dq)
+            if by_columns:
+                send_dq(i, dq)
+            else:
+                @pl.when(wg == buf)
+                def _():
+                    plgpu.barrier_wait(ds_stored.at[buf])
+                    dq = pl.run_state(lambda acc: dq_product(acc, buf))(
+                        plgpu.ACC.init(zeros_qc))
+                    send_dq(i, dq)
             return dk, dv
 
         dk, dv = lax.fori_loop(0, steps, step, (zeros_kd, zeros_kd))
@@ -290,16 +313,19 @@ def mosaic_backward(
     if plan.has_lengths != (lengths is not None):
         raise ValueError("mosaic backward: lengths must be given exactly when the plan has them")
     q_tiles = q_len // plan.block_q
-    plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles))
+    split = plan.dq_split or ("columns" if head_dim >= 128 else "steps")
+    if split not in DQ_SPLITS:
+        raise ValueError(f"mosaic backward: dq_split must be one of {DQ_SPLITS}, got {split!r}")
+    plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles), dq_split=split)
     # delta = rowsum(dO * O): one fused XLA reduction, [b, h, nq] float32.
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     lse = lse.astype(jnp.float32)
     dtype = q.dtype
-    half = head_dim // CONSUMERS
-    # K is read whole by the score products and by halves of its columns by the dQ products, so
-    # its swizzle must not span more than one half; wgmma wants both shared-memory operands
-    # swizzled alike, so every 16-bit tile takes that swizzle (64 bytes at D = 64).
-    tile = _swizzle(half, dtype)
+    dq_cols = head_dim // CONSUMERS if split == "columns" else head_dim
+    # K is read whole by the score products and by dq_cols-wide column groups by the dQ
+    # products, so its swizzle must not span more than one group; wgmma wants both
+    # shared-memory operands swizzled alike, so every 16-bit tile takes that swizzle.
+    tile = _swizzle(dq_cols, dtype)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
@@ -314,13 +340,14 @@ def mosaic_backward(
             # dS^T of both consumers, two steps deep: one consumer may store the next step's
             # while the other still reads this step's.
             plgpu.SMEM((2, CONSUMERS, plan.block_k, plan.block_q), dtype, **tile),
-            plgpu.SMEM((CONSUMERS, plan.block_q, half), jnp.float32,
-                       **_swizzle(half, jnp.float32)),  # dQ staging
+            plgpu.SMEM((CONSUMERS, plan.block_q, dq_cols), jnp.float32,
+                       **_swizzle(dq_cols, jnp.float32)),  # dQ staging
         )
         kv_loaded = (plgpu.Barrier(num_barriers=CONSUMERS),) * 2
         q_loaded = (plgpu.Barrier(num_barriers=plan.stages),) * 4
         released = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages)
-        ds_stored = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2)
+        ds_stored = plgpu.Barrier(num_arrivals=CONSUMERS if split == "columns" else 1,
+                                  num_barriers=2)
         keys_done = plgpu.Barrier(num_arrivals=CONSUMERS)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,

@@ -3,6 +3,7 @@
 #   kernel-tests  the kernel's own GPU tests
 #   tests         the GPU tests of pallas_attention with both kernel families
 #   stall         many launches on small grids (a stall shows as a timeout, not a lost call)
+#   probe         many freshly compiled launches, in several processes (scripts/probe_mosaic_stall.py)
 #   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
 # Logs go to OUTDIR/r and are packed into OUTDIR/mosaic_backward.tgz; summaries go to stdout.
@@ -46,6 +47,13 @@ for n, d in [(256, 64), (256, 128), (512, 64), (1024, 128)]:
     print(f"n={n} d={d}: 200 launches done", flush=True)
 PY
       tail -4 "$logs/stall.log" ;;
+    probe)
+      for args in "--n 1024 --d 128" "--n 512 --d 64" "--n 1024 --d 128 --skip-dq" \
+                  "--n 512 --d 64 --split columns"; do
+        name="probe_$(echo $args | tr -d ' -')"
+        run "$name" 45 python3 scripts/probe_mosaic_stall.py $args --launches 12 --fresh
+        tail -1 "$logs/$name.log"
+      done ;;
     time)
       for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do
         n=${shape%:*} d=${shape#*:}

@@ -80,7 +80,7 @@ def test_gpu_key_lengths(head_dim):
     assert np.all(np.asarray(dk[1, 131:]) == 0.0) and np.all(np.asarray(dv[1, 131:]) == 0.0)
 
 
-PLAN_CHANGES = [dict(overlap=False), dict(stagger=False), dict(stages=3),
+PLAN_CHANGES = [dict(dq_split="columns"), dict(overlap=False), dict(stagger=False), dict(stages=3),
                 dict(consumer_registers=240, producer_registers=24)]
 
 
