@@ -3,7 +3,8 @@
 #   kernel-tests  the kernel's own GPU tests
 #   tests         the GPU tests of pallas_attention with both kernel families
 #   stall         many launches on small grids (a stall shows as a timeout, not a lost call)
-#   probe         many freshly compiled launches, in several processes (scripts/probe_mosaic_stall.py)
+#   probe         many freshly compiled launches, one process per PROBES entry (';' separated
+#                 arguments of scripts/probe_mosaic_stall.py)
 #   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
 # Logs go to OUTDIR/r and are packed into OUTDIR/mosaic_backward.tgz; summaries go to stdout.
@@ -25,8 +26,15 @@ run() {  # run NAME SECONDS CMD...: one step, its log in $logs/NAME.log, its sta
 for step in "$@"; do
   case $step in
     kernel-tests)
-      run kernel_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
-        tests/test_pallas_mosaic_backward.py
+      nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader -l 10 \
+        > "$logs/kernel_tests_gpu_util.log" 2>&1 &
+      monitor=$!
+      run kernel_tests 150 python3 -m pytest -v -m gpu -p no:cacheprovider \
+        -o faulthandler_timeout=45 tests/test_pallas_mosaic_backward.py
+      kill $monitor
+      grep -E "PASSED|FAILED|Timeout|File .*xformers_zoo|File .*tests/" "$logs/kernel_tests.log" \
+        | head -30
+      tr '\n' ' ' < "$logs/kernel_tests_gpu_util.log"; echo
       tail -4 "$logs/kernel_tests.log" ;;
     tests)
       run tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -48,9 +56,9 @@ for n, d in [(256, 64), (256, 128), (512, 64), (1024, 128)]:
 PY
       tail -4 "$logs/stall.log" ;;
     probe)
-      for args in "--n 1024 --d 128" "--n 512 --d 64" "--n 1024 --d 128 --skip-dq" \
-                  "--n 512 --d 64 --split columns"; do
-        name="probe_$(echo $args | tr -d ' -')"
+      IFS=';' read -ra probes <<< "${PROBES:---n 1024 --d 128;--n 512 --d 64}"
+      for args in "${probes[@]}"; do
+        name="probe_$(echo "$args" | tr -d ' -')"
         run "$name" 45 python3 scripts/probe_mosaic_stall.py $args --launches 12 --fresh
         tail -1 "$logs/$name.log"
       done ;;

@@ -22,7 +22,14 @@ def main():
     parser.add_argument("--fresh", action="store_true", help="compile a new kernel per launch")
     parser.add_argument("--skip-dq", action="store_true", help="no dQ reduce-adds")
     parser.add_argument("--split", default=None, help="dq_split of the plan")
+    parser.add_argument("--highest", action="store_true",
+                        help="jax_default_matmul_precision=highest, as the tests set it")
+    parser.add_argument("--reference", action="store_true",
+                        help="feed O and LSE of an XLA reference dispatched just before, "
+                             "without waiting for it, as the tests do")
     args = parser.parse_args()
+    if args.highest:
+        jax.config.update("jax_default_matmul_precision", "highest")
     n, d = args.n, args.d
     start = time.perf_counter()
     f = None
@@ -34,10 +41,17 @@ def main():
             f = jax.jit(lambda *a, plan=plan: mosaic_backward(*a, None, plan))
         keys = jax.random.split(jax.random.key(i), 4)
         q, k, v, g = (jax.random.normal(kk, (2, n, 2, d), jnp.bfloat16) for kk in keys)
-        lse = jnp.full((2, 2, n), 8.0, jnp.float32)
-        jax.block_until_ready((q, k, v, g, lse))
+        if args.reference:
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            lse = jax.nn.logsumexp(s, axis=-1) / jnp.log(2.0)
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v.astype(jnp.float32))
+            out = out.astype(q.dtype)
+        else:
+            lse = jnp.full((2, 2, n), 8.0, jnp.float32)
+            out = q
+            jax.block_until_ready((q, k, v, g, lse))
         t = time.perf_counter()
-        jax.block_until_ready(f(q, k, v, q, lse, g))
+        jax.block_until_ready(f(q, k, v, out, lse, g))
         print(f"[{time.perf_counter() - start:6.1f}s] launch {i} done in "
               f"{(time.perf_counter() - t) * 1e3:.0f} ms", flush=True)
 
