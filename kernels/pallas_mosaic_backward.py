@@ -34,10 +34,10 @@ Residual conventions are those of ``pallas_backward.flash_backward``: q, k, v, d
 ``mosaic_forward`` returns); delta = rowsum(dO * O) is computed here in XLA. dQ is returned in
 float32; the caller casts it.
 
-Serves what the Mosaic forward serves: bf16/fp16, head_dim 64 or 128, non-causal, no block mask,
-keys masked (if at all) by per-sequence lengths; sequence lengths multiples of the tiles (the
-caller pads: padded queries have dO = 0 rows, which contribute nothing). Programs whose keys all
-lie past their sequence's length skip the sweep and write zero gradients.
+Serves what the Mosaic forward serves: bf16/fp16, head_dim 16, 32, 64 or 128, non-causal, no block
+mask, keys masked (if at all) by per-sequence lengths; sequence lengths multiples of the tiles (the
+caller pads: padded queries have dO = 0 rows, which contribute nothing). Programs whose keys all lie
+past their sequence's length skip the sweep and write zero gradients.
 
 There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the GPU only.
 """
@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from xformers_zoo.kernels.pallas_mosaic_forward import DTYPES, HEAD_DIMS
+from xformers_zoo.kernels.pallas_mosaic_forward import DTYPES, HEAD_DIMS, swizzled
 
 CONSUMERS = 2  # key tiles (warpgroups) per program
 DQ_SPLITS = ("columns", "steps")
@@ -102,18 +102,6 @@ def _load(ref, layout):
         return plgpu.load(ref, layout=layout)
     except TypeError:
         return plgpu.load(ref, (), layout=layout)
-
-
-def _swizzle(columns: int, dtype) -> dict:
-    """Tiling and swizzle transforms for a shared-memory tile whose rows (or the column groups
-    read separately) hold ``columns`` elements: the widest swizzle (<= 128 bytes) that they
-    fill, the layout wgmma reads without bank conflicts."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = min(128, columns * itemsize)
-    return dict(transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
-                            plgpu.SwizzleTransform(swizzle)))
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref, dk_ref, dv_ref,
@@ -315,18 +303,22 @@ def mosaic_backward(
         raise ValueError("mosaic backward: lengths must be given exactly when the plan has them")
     q_tiles = q_len // plan.block_q
     split = plan.dq_split or ("columns" if head_dim >= 128 else "steps")
+    if split == "columns" and head_dim < 64:
+        raise ValueError(f"mosaic backward: dq_split 'columns' needs head_dim >= 64 (wgmma "
+                         f"tiles of D/2 columns), got {head_dim}")
     if split not in DQ_SPLITS:
         raise ValueError(f"mosaic backward: dq_split must be one of {DQ_SPLITS}, got {split!r}")
     plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles), dq_split=split)
-    # delta = rowsum(dO * O): one fused XLA reduction, [b, h, nq] float32.
-    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    # delta = rowsum(dO * O): one fused XLA reduction (a product and sum, not a dot, which XLA
+    # would hand to its GEMM emitters), [b, h, nq] float32.
+    delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
     lse = lse.astype(jnp.float32)
     dtype = q.dtype
     dq_cols = head_dim // CONSUMERS if split == "columns" else head_dim
     # K is read whole by the score products and by dq_cols-wide column groups by the dQ
     # products, so its swizzle must not span more than one group; wgmma wants both
     # shared-memory operands swizzled alike, so every 16-bit tile takes that swizzle.
-    tile = _swizzle(dq_cols, dtype)
+    tile = swizzled(dq_cols, dtype)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
@@ -342,7 +334,7 @@ def mosaic_backward(
             # while the other still reads this step's.
             plgpu.SMEM((2, CONSUMERS, plan.block_k, plan.block_q), dtype, **tile),
             plgpu.SMEM((CONSUMERS, plan.block_q, dq_cols), jnp.float32,
-                       **_swizzle(dq_cols, jnp.float32)),  # dQ staging
+                       **swizzled(dq_cols, jnp.float32)),  # dQ staging
         )
         kv_loaded = (plgpu.Barrier(num_barriers=CONSUMERS),) * 2
         q_loaded = (plgpu.Barrier(num_barriers=plan.stages),) * 4

@@ -8,9 +8,9 @@ each own a query tile, multiply on the tensor cores (wgmma) and keep the online 
 registers. The consumers take turns through a two-party barrier so that one's softmax (the
 exponentials) runs while the other's matrix products are in flight ("ping-pong" scheduling).
 
-It serves the common dense case only: bf16/fp16, head_dim 64 or 128, non-causal, no block mask,
-keys masked (if at all) by per-sequence lengths, i.e. padding at the end. Fully padded key tiles
-are not visited. Its outputs (O and the base-2 log-sum-exp) match ``pallas_forward``'s, so the
+It serves the common dense case only: bf16/fp16, head_dim 16, 32, 64 or 128, non-causal, no block
+mask, keys masked (if at all) by per-sequence lengths, i.e. padding at the end. Fully padded key
+tiles are not visited. Its outputs (O and the base-2 log-sum-exp) match ``pallas_forward``'s, so the
 same backward kernels follow it. ``pallas_attention`` decides when it runs (kernels/NOTES.md).
 
 There is no interpret mode: Pallas' GPU interpreter (JAX 0.10-0.11) evaluates neither wgmma on a
@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, Int
 
 from xformers_zoo.kernels.pallas_common import EMPTY_ROW_LSE
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = ("bfloat16", "float16")
 CONSUMERS = 2  # query tiles (warpgroups) per program
 BLOCK_Q = 64  # query rows per consumer warpgroup (one wgmma M tile)
@@ -54,6 +54,18 @@ class MosaicPlan:
     def rows_per_program(self) -> int:
         """Query rows one program covers (the wrapper pads q to a multiple of this)."""
         return CONSUMERS * self.block_q
+
+
+def swizzled(columns: int, dtype) -> dict:
+    """Tiling and swizzle transforms for a shared-memory tile whose rows (or the column groups
+    read separately) hold ``columns`` elements: the widest swizzle (<= 128 bytes) that they
+    fill, the layout wgmma reads without bank conflicts."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = min(128, columns * itemsize)
+    return dict(transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
+                            plgpu.SwizzleTransform(swizzle)))
 
 
 def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
@@ -224,15 +236,14 @@ def mosaic_forward(
         raise ValueError("mosaic forward: lengths must be given exactly when the plan has them")
     k_tiles = k_len // plan.block_k
     plan = dataclasses.replace(plan, stages=min(plan.stages, k_tiles))
-    # 128-byte swizzled tiles: the layout wgmma reads from shared memory without bank conflicts.
-    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    tile = swizzled(head_dim, q.dtype)  # 128-byte swizzle for D >= 64
 
     def entry(q_ref, k_ref, v_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
         o_ref, lse_ref = refs[-2:]
-        buffers = (plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), q.dtype, **swizzled),
-                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **swizzled),
-                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), v.dtype, **swizzled),
+        buffers = (plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), q.dtype, **tile),
+                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **tile),
+                   plgpu.SMEM((plan.stages, plan.block_k, head_dim), v.dtype, **tile),
                    plgpu.SMEM((CONSUMERS, plan.block_q), jnp.float32))
         loaded = (plgpu.Barrier(num_barriers=CONSUMERS),
                   plgpu.Barrier(num_barriers=plan.stages),

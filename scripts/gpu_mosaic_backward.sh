@@ -16,6 +16,7 @@ logs="$out/r"
 mkdir -p "$logs"
 source scripts/gpu_setup.sh > "$logs/setup.log" 2>&1 || { tail "$logs/setup.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+env | grep -E "^(JAX|XLA|TF_)" | tee -a "$logs/gpu.txt"
 run() {  # run NAME SECONDS CMD...: one step, its log in $logs/NAME.log, its status echoed
   local name=$1 limit=$2
   shift 2

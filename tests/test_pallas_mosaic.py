@@ -18,7 +18,8 @@ def test_mosaic_rejects_name_the_reason():
               dropout=False)
     assert mosaic_rejects("bfloat16", 64, **ok) is None
     assert mosaic_rejects("float16", 128, **ok) is None
-    cases = {"head_dim must be one of": ("bfloat16", 32, ok),
+    assert mosaic_rejects("bfloat16", 32, **ok) is None
+    cases = {"head_dim must be one of": ("bfloat16", 48, ok),
              "dtype must be one of": ("float32", 64, ok),
              "causal": ("bfloat16", 64, ok | {"causal": True}),
              "block masks": ("bfloat16", 64, ok | {"has_block_mask": True}),
@@ -39,6 +40,8 @@ def test_mosaic_forward_by_name_explains_refusal():
 
 
 MOSAIC_CASES = [
+    dict(head_dim=32, dtype=jnp.bfloat16, q_len=600, k_len=600, lengths=(600, 77, 300)),
+    dict(head_dim=16, dtype=jnp.float16, q_len=256, k_len=256, lengths=None),
     dict(head_dim=64, dtype=jnp.bfloat16, q_len=1000, k_len=1000, lengths=(1000, 333, 0)),
     dict(head_dim=128, dtype=jnp.float16, q_len=777, k_len=777, lengths=(777, 129, 1)),
     dict(head_dim=64, dtype=jnp.bfloat16, q_len=512, k_len=512, lengths=None),

@@ -65,7 +65,8 @@ def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, **plan_changes):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,head_dim", [(256, 64), (1024, 64), (256, 128), (1024, 128)],
+@pytest.mark.parametrize("n,head_dim", [(256, 16), (512, 32), (256, 64), (1024, 64), (256, 128),
+                                        (1024, 128)],
                          ids=lambda x: str(x))
 def test_gpu_gradients(n, head_dim):
     run(n, head_dim)
@@ -122,5 +123,5 @@ def test_rejects_unaligned_lengths_and_missing_lengths():
     with pytest.raises(ValueError, match="lengths must be given"):
         mosaic_backward(q, q, q, q, lse, q, None, MosaicBackwardPlan(scale=1.0, has_lengths=True))
     with pytest.raises(ValueError, match="head_dim one of"):
-        x = jnp.zeros((1, 128, 1, 32), jnp.bfloat16)
+        x = jnp.zeros((1, 128, 1, 48), jnp.bfloat16)
         mosaic_backward(x, x, x, x, lse, x, None, MosaicBackwardPlan(scale=1.0))
