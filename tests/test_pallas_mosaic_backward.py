@@ -1,45 +1,32 @@
-"""The fused Mosaic GPU backward kernel on its own, against float32 XLA gradients (jax.vjp of
-plain softmax attention with a key padding mask), fed with reference residuals and, once, with
-the Mosaic forward's own (O, LSE); every plan option that changes the kernel's code is run.
-GPU only: the kernel has no interpret mode (``test_pallas_mosaic`` covers it through
-``pallas_attention`` against the float64 reference)."""
-
-import math
+"""The fused Mosaic GPU backward kernel on its own, against float64 gradients (the numpy
+reference of ``test_pallas_attention``, with a key padding mask), fed with reference residuals
+and, once, with the Mosaic forward's own (O, LSE); every plan option that changes the kernel's
+code is run. GPU only: the kernel has no interpret mode (``test_pallas_mosaic`` covers it through
+``pallas_attention``)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_pallas_attention import reference as float64_reference
+from test_pallas_attention import rel_err
 
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 
 
-def attention(q, k, v, scale, visible):
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
-
-
-def reference(q, k, v, d_out, scale, lengths):
-    """Output, base-2 LSE of the scaled logits and the q, k, v gradients, all float32."""
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    visible = jnp.arange(k.shape[1])[None, :] < (
-        k.shape[1] if lengths is None else lengths[:, None])
-    visible = jnp.broadcast_to(visible, (k.shape[0], k.shape[1]))
-    with jax.default_matmul_precision("highest"):
-        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, scale, visible), *f32[:3])
-        grads = vjp(f32[3])
-        s = jnp.einsum("bqhd,bkhd->bhqk", *f32[:2]) * scale
-        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-        lse = jax.nn.logsumexp(s, axis=-1) / math.log(2.0)
-    return out, lse, grads
-
-
-def rel_err(got, want):
-    got = np.asarray(got, np.float64)
-    assert np.isfinite(got).all(), "NaN or Inf in kernel result"
-    want = np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+def reference(q, k, v, d_out, lengths):
+    """Output, base-2 LSE of the scaled logits (float32) and the q, k, v gradients (float64)."""
+    key_mask = None
+    if lengths is not None:
+        key_mask = np.arange(k.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    out, grads = float64_reference(q, k, v, d_out, key_mask=key_mask)
+    q64, k64 = (np.asarray(x, np.float64) for x in (q, k))
+    s = np.einsum("bqhd,bkhd->bhqk", q64, k64) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        s = np.where(key_mask[:, None, None, :], s, -np.inf)
+    m = s.max(-1)
+    lse = (m + np.log(np.exp(s - m[..., None]).sum(-1))) / np.log(2.0)
+    return out, jnp.asarray(lse, jnp.float32), grads
 
 
 def inputs(seed, n, head_dim, dtype, batch=2, heads=2):
@@ -52,10 +39,10 @@ def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, **plan_changes):
     scale = head_dim ** -0.5
     if lengths is not None:
         lengths = jnp.array(lengths, jnp.int32)
-    out, lse, want = reference(q, k, v, d_out, scale, lengths)
+    out, lse, want = reference(q, k, v, d_out, lengths)
     plan = MosaicBackwardPlan(scale=scale, has_lengths=lengths is not None, **plan_changes)
-    grads = jax.jit(lambda *a: mosaic_backward(*a, plan))(q, k, v, out.astype(dtype), lse, d_out,
-                                                           lengths)
+    grads = jax.jit(lambda *a: mosaic_backward(*a, plan))(q, k, v, jnp.asarray(out, dtype), lse,
+                                                           d_out, lengths)
     for name, got, ref in zip("qkv", grads, want, strict=True):
         assert got.shape == ref.shape
         assert got.dtype == (jnp.float32 if name == "q" else dtype), name
@@ -101,7 +88,7 @@ def test_gpu_after_mosaic_forward(head_dim):
     dtype, n = jnp.bfloat16, 1024
     q, k, v, d_out = inputs(5, n, head_dim, dtype)
     scale = head_dim ** -0.5
-    _, _, want = reference(q, k, v, d_out, scale, None)
+    _, _, want = reference(q, k, v, d_out, None)
 
     @jax.jit
     def both(q, k, v, d_out):
