@@ -7,6 +7,7 @@
 #                 arguments of scripts/probe_mosaic_stall.py)
 #   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
+#   bench         xformers-zoo bench kernels (its JSON, Markdown and plot go to OUTDIR)
 # Logs go to OUTDIR/r and are packed into OUTDIR/mosaic_backward.tgz; summaries go to stdout.
 # Usage: SHAPES="16384:64 4096:128" bash scripts/gpu_mosaic_backward.sh OUTDIR STEP...
 set -uo pipefail
@@ -76,6 +77,9 @@ PY
         scripts/time_mosaic_backward.py --n 1024 --d 128 --plans default serial --skip-triton
       grep -h -i "registers\|spill" "$logs"/ptxas.log "$logs"/ptxas/* 2>/dev/null \
         | sort | uniq -c | head -20 ;;
+    bench)
+      run bench 480 xformers-zoo bench kernels --out "$out"
+      tail -3 "$logs/bench.log"; ls "$out" ;;
     *) echo "unknown step $step" ;;
   esac
 done
