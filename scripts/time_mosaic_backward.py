@@ -30,6 +30,9 @@ PLANS = {
     "3-stages": dict(stages=3),
     "regs-240": dict(consumer_registers=240, producer_registers=24),
     "columns": dict(dq_split="columns"),
+    "dq2": dict(dq_stages=2),
+    "dq2-stages3": dict(dq_stages=2, stages=3),
+    "stages3": dict(stages=3),
     "steps": dict(dq_split="steps"),
     "columns-240": dict(dq_split="columns", consumer_registers=240, producer_registers=24),
     "steps-240": dict(dq_split="steps", consumer_registers=240, producer_registers=24),
@@ -81,7 +84,7 @@ def main():
     parser.add_argument("--skip-triton", action="store_true")
     args = parser.parse_args()
     n, d = args.n, args.d
-    b, h = 16384 // n, 1024 // d
+    b, h = max(1, 16384 // n), 1024 // d
     scale = d ** -0.5
     log(f"jax {jax.__version__} {jax.devices()[0].device_kind}: N={n} D={d} B={b} H={h}")
     keys = jax.random.split(jax.random.key(0), 4)
