@@ -68,7 +68,7 @@ PY
       for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do
         n=${shape%:*} d=${shape#*:}
         run "time_${n}_${d}" 100 python3 scripts/time_mosaic_backward.py --n "$n" --d "$d" \
-          --plans ${PLANS:-default regs-240 no-dq}
+          --plans ${PLANS:-default regs-240 no-dq} ${TIME_ARGS:-}
         grep -E "relative error|^==|  " "$logs/time_${n}_${d}.log" | grep -v compiled
       done ;;
     ptxas)
