@@ -30,8 +30,6 @@ PLANS = {
     "3-stages": dict(stages=3),
     "regs-240": dict(consumer_registers=240, producer_registers=24),
     "columns": dict(dq_split="columns"),
-    "dq2": dict(dq_stages=2),
-    "dq2-stages3": dict(dq_stages=2, stages=3),
     "stages3": dict(stages=3),
     "steps": dict(dq_split="steps"),
     "columns-240": dict(dq_split="columns", consumer_registers=240, producer_registers=24),
