@@ -21,13 +21,15 @@ key-side accumulators are wgmma outputs and the probabilities feed wgmma from re
     dK  += dS^T Q                     (dS^T from registers; scaled once at the end)
 
 dQ for the tile needs every key of the program: dQ = scale * dS K over all ``2 * block_k``
-keys. Both consumers store their dS^T in shared memory, meet at a two-party barrier, and each
-computes half of dQ's columns ([block_q, D/2], wgmma reading dS^T transposed), which it adds
-into a zero-initialised float32 dQ in global memory with one TMA reduce-add
-(``cp.reduce.async.bulk.tensor ... add``). So one [block_q, D] float32 tile per 128 keys travels
-to L2, as in FlashAttention-3, and the dQ accumulator costs each consumer half the registers
-that a whole tile would. Five tile products per tile pair, against seven for the two-launch
-Triton backward (``pallas_backward``), which recomputes P in both launches.
+keys. Both consumers store their dS^T in shared memory and the dQ product (wgmma reading dS^T
+transposed) is shared: by columns (each consumer computes D/2 of them every step, after a
+two-party barrier; D = 128, where a whole [block_q, D] float32 accumulator would spill) or by
+steps (the consumers take turns computing the whole tile; D <= 64, where column halves would
+force narrower swizzles). The result is added into a zero-initialised float32 dQ in global
+memory with TMA reduce-adds (``cp.reduce.async.bulk.tensor ... add``): one [block_q, D] float32
+tile per 128 keys travels to L2, as in FlashAttention-3. Five tile products per tile pair,
+against seven for the two-launch Triton backward (``pallas_backward``), which recomputes P in
+both launches.
 
 Residual conventions are those of ``pallas_backward.flash_backward``: q, k, v, dO are
 [b, n, h, d]; ``lse`` is the base-2 log-sum-exp of the scaled logits, [b, h, nq] float32 (what
@@ -83,7 +85,7 @@ class MosaicBackwardPlan:
     dq_split: str | None = None
     # Timing diagnostic only (gives a wrong dQ): skip the dQ reduce-adds, to measure their cost.
     skip_dq_store: bool = False
-    # Measured 3-4% faster than 232/40 at D = 128 (fewer spills), the same at D = 64.
+    # Measured 2-5% faster than 232/40 at D = 128 (fewer spills), the same at D = 64.
     consumer_registers: int = 240
     producer_registers: int = 24
 
