@@ -55,7 +55,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from xformers_zoo.kernels.pallas_mosaic_forward import DTYPES, HEAD_DIMS, swizzled
+from xformers_zoo.kernels.pallas_mosaic_forward import (
+    DTYPES,
+    HEAD_DIMS,
+    check_launch,
+    swizzled,
+)
 
 CONSUMERS = 2  # key tiles (warpgroups) per program
 DQ_SPLITS = ("columns", "steps")
@@ -299,11 +304,8 @@ def mosaic_backward(
     if str(q.dtype) not in DTYPES or head_dim not in HEAD_DIMS:
         raise ValueError(f"mosaic backward: dtype must be one of {DTYPES} and head_dim one of "
                          f"{HEAD_DIMS}, got {q.dtype} and {head_dim}")
-    if q_len % plan.block_q or k_len % plan.keys_per_program:
-        raise ValueError(f"mosaic backward: q length {q_len} must be a multiple of "
-                         f"{plan.block_q} and k length {k_len} of {plan.keys_per_program}")
-    if plan.has_lengths != (lengths is not None):
-        raise ValueError("mosaic backward: lengths must be given exactly when the plan has them")
+    check_launch("mosaic backward", q_len, plan.block_q, k_len, plan.keys_per_program,
+                 plan.has_lengths, lengths)
     q_tiles = q_len // plan.block_q
     split = plan.dq_split or ("columns" if head_dim >= 128 else "steps")
     if split == "columns" and head_dim < 64:

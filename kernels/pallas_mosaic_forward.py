@@ -68,6 +68,17 @@ def swizzled(columns: int, dtype) -> dict:
                             plgpu.SwizzleTransform(swizzle)))
 
 
+def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multiple: int,
+                 has_lengths: bool, lengths) -> None:
+    """Raises unless q and k lengths are whole multiples of a Mosaic kernel's tiles and
+    ``lengths`` is given exactly when the plan expects it (the caller pads)."""
+    if q_len % q_multiple or k_len % k_multiple:
+        raise ValueError(f"{kernel}: q length {q_len} must be a multiple of {q_multiple} and "
+                         f"k length {k_len} of {k_multiple}")
+    if has_lengths != (lengths is not None):
+        raise ValueError(f"{kernel}: lengths must be given exactly when the plan has them")
+
+
 def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
                    has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool) -> str | None:
     """Why this forward cannot serve a call (the Triton forward then does), or None."""
@@ -229,11 +240,8 @@ def mosaic_forward(
 
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    if q_len % plan.rows_per_program or k_len % plan.block_k:
-        raise ValueError(f"mosaic forward: q length {q_len} must be a multiple of "
-                         f"{plan.rows_per_program} and k length {k_len} of {plan.block_k}")
-    if plan.has_lengths != (lengths is not None):
-        raise ValueError("mosaic forward: lengths must be given exactly when the plan has them")
+    check_launch("mosaic forward", q_len, plan.rows_per_program, k_len, plan.block_k,
+                 plan.has_lengths, lengths)
     k_tiles = k_len // plan.block_k
     plan = dataclasses.replace(plan, stages=min(plan.stages, k_tiles))
     tile = swizzled(head_dim, q.dtype)  # 128-byte swizzle for D >= 64

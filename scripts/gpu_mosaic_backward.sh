@@ -2,9 +2,8 @@
 # GPU-machine job for the Mosaic kernels' fused backward. Steps (any subset, in order given):
 #   kernel-tests  the kernel's own GPU tests
 #   tests         the GPU tests of pallas_attention with both kernel families
-#   stall         many launches on small grids (a stall shows as a timeout, not a lost call)
-#   probe         many freshly compiled launches, one process per PROBES entry (';' separated
-#                 arguments of scripts/probe_mosaic_stall.py)
+#   probe         many launches, one process per PROBES entry (';' separated arguments of
+#                 scripts/probe_mosaic_stall.py; a stall shows as a timeout, not a lost call)
 #   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
 #   bench         xformers-zoo bench kernels (its JSON, Markdown and plot go to OUTDIR)
@@ -42,33 +41,18 @@ for step in "$@"; do
       run tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_pallas_mosaic.py tests/test_pallas_attention.py
       tail -4 "$logs/tests.log" ;;
-    stall)
-      run stall 90 python3 - <<'PY'
-import jax, jax.numpy as jnp
-from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
-for n, d in [(256, 64), (256, 128), (512, 64), (1024, 128)]:
-    plan = MosaicBackwardPlan(scale=d ** -0.5)
-    f = jax.jit(lambda *a: mosaic_backward(*a, None, plan))
-    for i in range(200):
-        ks = jax.random.split(jax.random.key(i), 4)
-        q, k, v, g = (jax.random.normal(kk, (2, n, 2, d), jnp.bfloat16) for kk in ks)
-        lse = jnp.full((2, 2, n), 8.0, jnp.float32)
-        jax.block_until_ready(f(q, k, v, q, lse, g))
-    print(f"n={n} d={d}: 200 launches done", flush=True)
-PY
-      tail -4 "$logs/stall.log" ;;
     probe)
-      IFS=';' read -ra probes <<< "${PROBES:---n 1024 --d 128;--n 512 --d 64}"
+      IFS=';' read -ra probes <<< "${PROBES:---n 1024 --d 128 --fresh;--n 512 --d 64 --fresh;--n 256 --d 64 --launches 200}"
       for args in "${probes[@]}"; do
         name="probe_$(echo "$args" | tr -d ' -')"
-        run "$name" 45 python3 scripts/probe_mosaic_stall.py $args --launches 12 --fresh
+        run "$name" 45 python3 scripts/probe_mosaic_stall.py $args
         tail -1 "$logs/$name.log"
       done ;;
     time)
       for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do
         n=${shape%:*} d=${shape#*:}
         run "time_${n}_${d}" 100 python3 scripts/time_mosaic_backward.py --n "$n" --d "$d" \
-          --plans ${PLANS:-default regs-240 no-dq} ${TIME_ARGS:-}
+          --plans ${PLANS:-default no-dq} ${TIME_ARGS:-}
         grep -E "relative error|^==|  " "$logs/time_${n}_${d}.log" | grep -v compiled
       done ;;
     ptxas)

@@ -28,12 +28,10 @@ PLANS = {
     "serial": dict(overlap=False),
     "no-stagger": dict(stagger=False),
     "3-stages": dict(stages=3),
-    "regs-240": dict(consumer_registers=240, producer_registers=24),
+    "regs-232": dict(consumer_registers=232, producer_registers=40),
     "columns": dict(dq_split="columns"),
     "stages3": dict(stages=3),
     "steps": dict(dq_split="steps"),
-    "columns-240": dict(dq_split="columns", consumer_registers=240, producer_registers=24),
-    "steps-240": dict(dq_split="steps", consumer_registers=240, producer_registers=24),
     "no-dq": dict(skip_dq_store=True),  # diagnostic: wrong dQ, measures the reduce-adds' cost
 }
 T0 = time.perf_counter()
