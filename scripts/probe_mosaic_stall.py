@@ -21,7 +21,7 @@ def main():
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--fresh", action="store_true", help="compile a new kernel per launch")
     parser.add_argument("--skip-dq", action="store_true", help="no dQ reduce-adds")
-    parser.add_argument("--split", default=None, help="dq_split of the plan")
+    parser.add_argument("--split", default="steps", help="dq_split of the plan")
     parser.add_argument("--highest", action="store_true",
                         help="jax_default_matmul_precision=highest, as the tests set it")
     parser.add_argument("--reference", action="store_true",
@@ -36,7 +36,8 @@ def main():
     for i in range(args.launches):
         # A plan that differs in its scale is a new kernel: compiled and loaded anew.
         scale = d ** -0.5 * (1.0 + (i * 1e-6 if args.fresh else 0.0))
-        plan = MosaicBackwardPlan(scale=scale, skip_dq_store=args.skip_dq, dq_split=args.split)
+        plan = MosaicBackwardPlan(scale=scale, dq_store="none" if args.skip_dq else "reduce",
+                                  dq_split=args.split)
         if f is None or args.fresh:
             f = jax.jit(lambda *a, plan=plan: mosaic_backward(*a, None, plan))
         keys = jax.random.split(jax.random.key(i), 4)

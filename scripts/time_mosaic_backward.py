@@ -3,15 +3,19 @@
 two-launch backward), and the Mosaic forward followed by the fused Mosaic backward (whose
 fwd+bwd is the sum of the two launches' times; the backward includes the delta reduction and the
 dQ cast). Prints compile times and the fused backward's relative gradient error against
-cuDNN's.
+cuDNN's. With ``--clocks`` each row also gets the mean SM clock, power and temperature that
+``nvidia-smi`` sampled while it ran (sustained runs are power-capped: long shapes run at lower
+clocks than short ones, and two kernels' times compare fairly only at like clocks).
 
-    python3 scripts/time_mosaic_backward.py --n 16384 --d 64 [--plans default no-dq]
+    python3 scripts/time_mosaic_backward.py --n 16384 --d 64 [--plans default no-dq] [--clocks]
 
 One shape per process: run shapes as separate processes under ``timeout``.
 """
 
 import argparse
 import dataclasses
+import subprocess
+import threading
 import time
 
 import jax
@@ -27,14 +31,55 @@ PLANS = {
     "default": {},
     "serial": dict(overlap=False),
     "no-stagger": dict(stagger=False),
-    "3-stages": dict(stages=3),
     "regs-232": dict(consumer_registers=232, producer_registers=40),
     "columns": dict(dq_split="columns"),
     "stages3": dict(stages=3),
     "steps": dict(dq_split="steps"),
-    "no-dq": dict(skip_dq_store=True),  # diagnostic: wrong dQ, measures the reduce-adds' cost
+    # Diagnostics (wrong dQ): without the reduce-adds, and without the dQ staging as well.
+    "staging-only": dict(dq_store="staging"),
+    "no-dq": dict(dq_store="none"),
 }
+
+
+def plan_changes(name: str) -> dict:
+    """MosaicBackwardPlan fields of a plan name: one of PLANS, or several joined by '+'
+    ("steps+tiles")."""
+    changes = {}
+    for part in name.split("+"):
+        if part not in PLANS:
+            raise SystemExit(f"unknown plan {part!r}; known: {', '.join(PLANS)}")
+        changes.update(PLANS[part])
+    return changes
 T0 = time.perf_counter()
+WINDOWS = {}  # row name -> (start, end) perf_counter seconds of its timed launches
+
+
+class ClockSampler:
+    """Samples SM clock (MHz), power (W) and temperature (C) with nvidia-smi every 50 ms, each
+    sample stamped with this process's perf_counter."""
+
+    def __init__(self):
+        self.samples = []
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+             "--format=csv,noheader,nounits", "-lms", "50"],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.perf_counter(), *map(float, line.split(","))))
+            except ValueError:  # "[N/A]" fields
+                continue
+
+    def mean_over(self, start, end):
+        """Mean (MHz, W, C) of the samples taken in [start, end], or None."""
+        got = np.array([s[1:] for s in self.samples if start <= s[0] <= end])
+        return got.mean(axis=0) if len(got) else None
+
+    def stop(self):
+        self.proc.terminate()
 
 
 def log(msg):
@@ -48,15 +93,19 @@ def compiled(name, f, *args):
     return c
 
 
-def timeit(f, *args, repeats=20):
+def timeit(f, *args, repeats=20, name=None):
+    """Best of three means of ``repeats`` back-to-back launches, in ms; the timed window is kept
+    in WINDOWS[name]."""
     jax.block_until_ready(f(*args))
     best = float("inf")
+    first = time.perf_counter()
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(repeats):
             r = f(*args)
         jax.block_until_ready(r)
         best = min(best, (time.perf_counter() - start) / repeats * 1e3)
+    WINDOWS[name] = (first, time.perf_counter())
     return best
 
 
@@ -78,7 +127,16 @@ def main():
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--plans", nargs="+", default=["default"])
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--repeats", type=int, default=20, help="launches per timed mean")
+    parser.add_argument("--clocks", action="store_true",
+                        help="report nvidia-smi's mean SM clock, power, temperature per row")
     args = parser.parse_args()
+    sampler = ClockSampler() if args.clocks else None
+    res = {}
+
+    def measure(name, f, *xs):
+        res[name] = timeit(f, *xs, repeats=args.repeats, name=name)
+
     n, d = args.n, args.d
     b, h = max(1, 16384 // n), 1024 // d
     scale = d ** -0.5
@@ -86,52 +144,60 @@ def main():
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, d_out = (jax.random.normal(kk, (b, n, h, d), jnp.bfloat16) for kk in keys)
     flops_fwd = 4 * b * h * n * n * d
-    res = {}
 
     fplan = MosaicPlan(scale=scale, has_lengths=False)
     fwd = compiled("mosaic fwd", lambda q, k, v: mosaic_forward(q, k, v, None, fplan), q, k, v)
-    res["mosaic fwd"] = timeit(fwd, q, k, v)
+    measure("mosaic fwd", fwd, q, k, v)
     out, lse = fwd(q, k, v)
     bwds = {}
     for pname in args.plans:
-        plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **PLANS[pname])
+        plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **plan_changes(pname))
 
         def bwd(q, k, v, o, lse, g, plan=plan):
             dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, None, plan)
             return dq.astype(q.dtype), dk, dv
         bwds[pname] = compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
         log(f"running fused bwd [{pname}]")
-        res[f"fused bwd [{pname}]"] = timeit(bwds[pname], q, k, v, out, lse, d_out)
+        measure(f"fused bwd [{pname}]", bwds[pname], q, k, v, out, lse, d_out)
         res[f"mosaic fwd + fused bwd [{pname}]"] = res["mosaic fwd"] + res[f"fused bwd [{pname}]"]
         log(f"fused bwd [{pname}] {res[f'fused bwd [{pname}]']:.3f} ms")
 
     cudnn = lambda q, k, v: cudnn_attention(q, k, v, scale=scale)
     cudnn_fb = compiled("cudnn fwd+bwd", fwd_bwd(cudnn), q, k, v, d_out)
-    res["cudnn fwd"] = timeit(compiled("cudnn fwd", cudnn, q, k, v), q, k, v)
-    res["cudnn fwd+bwd"] = timeit(cudnn_fb, q, k, v, d_out)
-    if "default" in bwds:
-        got = bwds["default"](q, k, v, out, lse, d_out)
-        want = cudnn_fb(q, k, v, d_out)[1]
-        log("fused (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
+    measure("cudnn fwd", compiled("cudnn fwd", cudnn, q, k, v), q, k, v)
+    measure("cudnn fwd+bwd", cudnn_fb, q, k, v, d_out)
+    want = cudnn_fb(q, k, v, d_out)[1]
+    for pname, bwd in bwds.items():
+        if plan_changes(pname).get("dq_store", "reduce") != "reduce":
+            continue  # diagnostics give a wrong dQ by design
+        got = bwd(q, k, v, out, lse, d_out)
+        log(f"fused [{pname}] (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
             f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want, strict=True)))
     if not args.skip_triton:
         ours = lambda q, k, v: pallas_attention(q, k, v, scale=scale, kernels="triton")
-        res["triton fwd"] = timeit(compiled("triton fwd", ours, q, k, v), q, k, v)
-        res["triton fwd+bwd"] = timeit(compiled("triton fwd+bwd", fwd_bwd(ours), q, k, v,
-                                                 d_out), q, k, v, d_out)
+        measure("triton fwd", compiled("triton fwd", ours, q, k, v), q, k, v)
+        measure("triton fwd+bwd", compiled("triton fwd+bwd", fwd_bwd(ours), q, k, v, d_out),
+                q, k, v, d_out)
     for a, base in (("cudnn", "cudnn fwd"), ("triton", "triton fwd")):
         if f"{a} fwd+bwd" in res:
             res[f"{a} bwd (fwd+bwd - fwd)"] = res[f"{a} fwd+bwd"] - res[base]
     print(f"== N={n} D={d} B={b} H={h} bf16 (fwd {flops_fwd / 1e12:.2f} TFLOP; "
           f"bwd counted as 2.5x)", flush=True)
     for name, t in res.items():
-        if "fwd+bwd" in name or "fwd + fused" in name:
+        if "bwd (" in name:
+            work = 2.5 * flops_fwd
+        elif "fwd+bwd" in name or "fwd + fused" in name:
             work = 3.5 * flops_fwd
         elif "bwd" in name:
             work = 2.5 * flops_fwd
         else:
             work = flops_fwd
-        print(f"  {name:42s} {t:8.3f} ms  {work / t / 1e9:5.0f} TF/s", flush=True)
+        clocks = sampler.mean_over(*WINDOWS[name]) if sampler and name in WINDOWS else None
+        extra = "" if clocks is None else (
+            "  {:5.0f} MHz {:4.0f} W {:3.0f} C".format(*clocks))
+        print(f"  {name:42s} {t:8.3f} ms  {work / t / 1e9:5.0f} TF/s{extra}", flush=True)
+    if sampler:
+        sampler.stop()
 
 
 if __name__ == "__main__":

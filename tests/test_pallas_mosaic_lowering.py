@@ -32,8 +32,9 @@ def test_forward_lowers(head_dim, lengths):
 
 BACKWARD_CASES = [
     (16, {}), (32, dict(lengths=True)), (64, {}), (64, dict(dq_split="columns")),
-    (64, dict(overlap=False, lengths=True)), (128, {}), (128, dict(dq_split="steps")),
-    (128, dict(stages=3, lengths=True)),
+    (64, dict(overlap=False, lengths=True)), (128, {}), (128, dict(dq_split="columns")),
+    (128, dict(dq_split="columns", stages=3, lengths=True)),
+    (32, dict(dq_store="staging")), (128, dict(dq_store="none")),
 ]
 
 
