@@ -27,9 +27,8 @@ tile, so neither waits for the other) or by columns (each consumer computes D/2 
 step, after a two-party barrier; measured slower at every D). The result is added into a
 zero-initialised float32 dQ in global memory with TMA reduce-adds
 (``cp.reduce.async.bulk.tensor ... add``): one [block_q, D] float32 tile per 128 keys travels
-to L2, as in FlashAttention-3. Five tile products per tile pair,
-against seven for the two-launch Triton backward (``pallas_backward``), which recomputes P in
-both launches.
+to L2, as in FlashAttention-3. Five tile products per tile pair, against seven for the
+two-launch Triton backward (``pallas_backward``), which recomputes P in both launches.
 
 Residual conventions are those of ``pallas_backward.flash_backward``: q, k, v, dO are
 [b, n, h, d]; ``lse`` is the base-2 log-sum-exp of the scaled logits, [b, h, nq] float32 (what

@@ -21,7 +21,8 @@ def main():
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--fresh", action="store_true", help="compile a new kernel per launch")
     parser.add_argument("--skip-dq", action="store_true", help="no dQ reduce-adds")
-    parser.add_argument("--split", default="steps", help="dq_split of the plan")
+    parser.add_argument("--split", default=MosaicBackwardPlan.dq_split,
+                        help="dq_split of the plan")
     parser.add_argument("--highest", action="store_true",
                         help="jax_default_matmul_precision=highest, as the tests set it")
     parser.add_argument("--reference", action="store_true",

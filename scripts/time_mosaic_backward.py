@@ -43,15 +43,16 @@ PLANS = {
 
 def plan_changes(name: str) -> dict:
     """MosaicBackwardPlan fields of a plan name: one of PLANS, or several joined by '+'
-    ("steps+tiles")."""
+    ("columns+no-stagger")."""
     changes = {}
     for part in name.split("+"):
         if part not in PLANS:
             raise SystemExit(f"unknown plan {part!r}; known: {', '.join(PLANS)}")
         changes.update(PLANS[part])
     return changes
+
+
 T0 = time.perf_counter()
-WINDOWS = {}  # row name -> (start, end) perf_counter seconds of its timed launches
 
 
 class ClockSampler:
@@ -93,9 +94,9 @@ def compiled(name, f, *args):
     return c
 
 
-def timeit(f, *args, repeats=20, name=None):
-    """Best of three means of ``repeats`` back-to-back launches, in ms; the timed window is kept
-    in WINDOWS[name]."""
+def timeit(f, *args, repeats=20):
+    """Best of three means of ``repeats`` back-to-back launches, in ms, and the (start, end)
+    perf_counter window they ran in."""
     jax.block_until_ready(f(*args))
     best = float("inf")
     first = time.perf_counter()
@@ -105,8 +106,7 @@ def timeit(f, *args, repeats=20, name=None):
             r = f(*args)
         jax.block_until_ready(r)
         best = min(best, (time.perf_counter() - start) / repeats * 1e3)
-    WINDOWS[name] = (first, time.perf_counter())
-    return best
+    return best, (first, time.perf_counter())
 
 
 def fwd_bwd(attn):
@@ -132,11 +132,6 @@ def main():
                         help="report nvidia-smi's mean SM clock, power, temperature per row")
     args = parser.parse_args()
     sampler = ClockSampler() if args.clocks else None
-    res = {}
-
-    def measure(name, f, *xs):
-        res[name] = timeit(f, *xs, repeats=args.repeats, name=name)
-
     n, d = args.n, args.d
     b, h = max(1, 16384 // n), 1024 // d
     scale = d ** -0.5
@@ -144,58 +139,58 @@ def main():
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, d_out = (jax.random.normal(kk, (b, n, h, d), jnp.bfloat16) for kk in keys)
     flops_fwd = 4 * b * h * n * n * d
+    work = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
+    res = {}  # row name -> (ms, FLOPs, timed window or None for sums and differences)
+
+    def measure(name, kind, f, *xs):
+        """Times f as row ``name`` doing ``kind`` (a key of ``work``); returns its ms."""
+        ms, window = timeit(f, *xs, repeats=args.repeats)
+        res[name] = (ms, work[kind], window)
+        return ms
 
     fplan = MosaicPlan(scale=scale, has_lengths=False)
     fwd = compiled("mosaic fwd", lambda q, k, v: mosaic_forward(q, k, v, None, fplan), q, k, v)
-    measure("mosaic fwd", fwd, q, k, v)
+    fwd_ms = measure("mosaic fwd", "fwd", fwd, q, k, v)
     out, lse = fwd(q, k, v)
-    bwds = {}
+    bwds = {}  # plan name -> (plan, compiled backward)
     for pname in args.plans:
         plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **plan_changes(pname))
 
         def bwd(q, k, v, o, lse, g, plan=plan):
             dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, None, plan)
             return dq.astype(q.dtype), dk, dv
-        bwds[pname] = compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
+        bwds[pname] = plan, compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
         log(f"running fused bwd [{pname}]")
-        measure(f"fused bwd [{pname}]", bwds[pname], q, k, v, out, lse, d_out)
-        res[f"mosaic fwd + fused bwd [{pname}]"] = res["mosaic fwd"] + res[f"fused bwd [{pname}]"]
-        log(f"fused bwd [{pname}] {res[f'fused bwd [{pname}]']:.3f} ms")
+        ms = measure(f"fused bwd [{pname}]", "bwd", bwds[pname][1], q, k, v, out, lse, d_out)
+        res[f"mosaic fwd + fused bwd [{pname}]"] = (fwd_ms + ms, work["fwd+bwd"], None)
+        log(f"fused bwd [{pname}] {ms:.3f} ms")
 
     cudnn = lambda q, k, v: cudnn_attention(q, k, v, scale=scale)
     cudnn_fb = compiled("cudnn fwd+bwd", fwd_bwd(cudnn), q, k, v, d_out)
-    measure("cudnn fwd", compiled("cudnn fwd", cudnn, q, k, v), q, k, v)
-    measure("cudnn fwd+bwd", cudnn_fb, q, k, v, d_out)
+    measure("cudnn fwd", "fwd", compiled("cudnn fwd", cudnn, q, k, v), q, k, v)
+    measure("cudnn fwd+bwd", "fwd+bwd", cudnn_fb, q, k, v, d_out)
     want = cudnn_fb(q, k, v, d_out)[1]
-    for pname, bwd in bwds.items():
-        if plan_changes(pname).get("dq_store", "reduce") != "reduce":
+    for pname, (plan, bwd) in bwds.items():
+        if plan.dq_store != "reduce":
             continue  # diagnostics give a wrong dQ by design
         got = bwd(q, k, v, out, lse, d_out)
         log(f"fused [{pname}] (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
             f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want, strict=True)))
     if not args.skip_triton:
         ours = lambda q, k, v: pallas_attention(q, k, v, scale=scale, kernels="triton")
-        measure("triton fwd", compiled("triton fwd", ours, q, k, v), q, k, v)
-        measure("triton fwd+bwd", compiled("triton fwd+bwd", fwd_bwd(ours), q, k, v, d_out),
-                q, k, v, d_out)
-    for a, base in (("cudnn", "cudnn fwd"), ("triton", "triton fwd")):
+        measure("triton fwd", "fwd", compiled("triton fwd", ours, q, k, v), q, k, v)
+        measure("triton fwd+bwd", "fwd+bwd",
+                compiled("triton fwd+bwd", fwd_bwd(ours), q, k, v, d_out), q, k, v, d_out)
+    for a in ("cudnn", "triton"):
         if f"{a} fwd+bwd" in res:
-            res[f"{a} bwd (fwd+bwd - fwd)"] = res[f"{a} fwd+bwd"] - res[base]
+            ms = res[f"{a} fwd+bwd"][0] - res[f"{a} fwd"][0]
+            res[f"{a} bwd (fwd+bwd - fwd)"] = (ms, work["bwd"], None)
     print(f"== N={n} D={d} B={b} H={h} bf16 (fwd {flops_fwd / 1e12:.2f} TFLOP; "
           f"bwd counted as 2.5x)", flush=True)
-    for name, t in res.items():
-        if "bwd (" in name:
-            work = 2.5 * flops_fwd
-        elif "fwd+bwd" in name or "fwd + fused" in name:
-            work = 3.5 * flops_fwd
-        elif "bwd" in name:
-            work = 2.5 * flops_fwd
-        else:
-            work = flops_fwd
-        clocks = sampler.mean_over(*WINDOWS[name]) if sampler and name in WINDOWS else None
-        extra = "" if clocks is None else (
-            "  {:5.0f} MHz {:4.0f} W {:3.0f} C".format(*clocks))
-        print(f"  {name:42s} {t:8.3f} ms  {work / t / 1e9:5.0f} TF/s{extra}", flush=True)
+    for name, (ms, flops, window) in res.items():
+        clocks = sampler.mean_over(*window) if sampler and window else None
+        extra = "" if clocks is None else "  {:5.0f} MHz {:4.0f} W {:3.0f} C".format(*clocks)
+        print(f"  {name:42s} {ms:8.3f} ms  {flops / ms / 1e9:5.0f} TF/s{extra}", flush=True)
     if sampler:
         sampler.stop()
 

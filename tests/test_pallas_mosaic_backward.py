@@ -76,8 +76,8 @@ PLAN_CHANGES = [(64, dict(dq_split="columns")), (128, dict(dq_split="columns")),
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim,change", PLAN_CHANGES,
-                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
-                         if isinstance(c, dict) else f"d{c}")
+                         ids=[f"d{d}-" + ",".join(f"{k}={v}" for k, v in c.items())
+                              for d, c in PLAN_CHANGES])
 def test_gpu_plan_variants(head_dim, change):
     run(512, head_dim, dtype=jnp.float16, **change)
 
