@@ -21,14 +21,14 @@ key-side accumulators are wgmma outputs and the probabilities feed wgmma from re
     dK  += dS^T Q                     (dS^T from registers; scaled once at the end)
 
 dQ for the tile needs every key of the program: dQ = scale * dS K over all ``2 * block_k``
-keys. Both consumers store their dS^T in shared memory and the dQ product (wgmma reading dS^T
-transposed) is shared: by steps (the default: the consumers take turns computing the whole
-tile, so neither waits for the other) or by columns (each consumer computes D/2 of them every
-step, after a two-party barrier; measured slower at every D). The result is added into a
-zero-initialised float32 dQ in global memory with TMA reduce-adds
-(``cp.reduce.async.bulk.tensor ... add``): one [block_q, D] float32 tile per 128 keys travels
-to L2, as in FlashAttention-3. Five tile products per tile pair, against seven for the
-two-launch Triton backward (``pallas_backward``), which recomputes P in both launches.
+keys. Both consumers store their dS^T in shared memory and take turns computing the dQ product
+(wgmma reading dS^T transposed) over both halves: the consumer whose step it is computes the
+whole tile while the other goes on, so neither waits for the other (kernels/NOTES.md has the
+designs measured against this one). The result is added into a zero-initialised float32 dQ in
+global memory with TMA reduce-adds (``cp.reduce.async.bulk.tensor ... add``): one [block_q, D]
+float32 tile per 128 keys travels to L2, as in FlashAttention-3. Five tile products per tile
+pair, against seven for the two-launch Triton backward (``pallas_backward``), which
+recomputes P in both launches.
 
 Residual conventions are those of ``pallas_backward.flash_backward``: q, k, v, dO are
 [b, n, h, d]; ``lse`` is the base-2 log-sum-exp of the scaled logits, [b, h, nq] float32 (what
@@ -62,8 +62,6 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
 )
 
 CONSUMERS = 2  # key tiles (warpgroups) per program
-DQ_SPLITS = ("columns", "steps")
-DQ_STORES = ("reduce", "staging", "none")
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -82,16 +80,6 @@ class MosaicBackwardPlan:
     # Keep products in flight while the warpgroup computes (see _kernel's step); False awaits
     # each product group before going on.
     overlap: bool = True
-    # How the two consumers share each step's dQ product (over all 2 * block_k keys):
-    # "steps": they alternate, one computing all columns of a step while the other goes on (a
-    # [block_q, D] accumulator every other step; K keeps the 128-byte swizzle at D = 64);
-    # "columns": each computes half of the columns, every step (a [block_q, D/2] accumulator;
-    # the consumers meet at a barrier each step). Steps measured 5-8% faster at D = 128
-    # (4K to 64K keys) and faster at D = 64.
-    dq_split: str = "steps"
-    # Timing diagnostics only (both give a wrong dQ): "staging" stages each dQ tile in shared
-    # memory but sends no reduce-add, "none" skips both; "reduce" is the real kernel.
-    dq_store: str = "reduce"
     # Measured 2-5% faster than 232/40 at D = 128 (fewer spills), the same at D = 64.
     consumer_registers: int = 240
     producer_registers: int = 24
@@ -125,8 +113,6 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
     block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
     dtype = k_smem.dtype
     head_dim = k_smem.shape[-1]
-    by_columns = plan.dq_split == "columns"
-    dq_cols = dq_smem.shape[-1]  # dQ columns one consumer computes in a step
     program_key0 = block * plan.keys_per_program
     if plan.has_lengths:
         length = lengths_ref[batch]
@@ -154,23 +140,19 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         # Per-query statistics broadcast along the rows (keys) of the transposed tiles.
         column = plgpu.Layout.WGMMA.reduce(0)
         zeros_kd = plgpu.layout_cast(jnp.zeros((block_k, head_dim), jnp.float32), wgmma_layout)
-        zeros_qc = plgpu.layout_cast(jnp.zeros((block_q, dq_cols), jnp.float32), wgmma_layout)
-        col0 = wg * dq_cols if by_columns else 0
+        zeros_qd = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), wgmma_layout)
         log2_scale = plan.scale * _LOG2E
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
 
         def send_dq(i, dq):
-            if plan.dq_store == "none":
-                return
             # The last reduce-add must have finished reading the staging tile (a second staging
             # tile, to skip this wait, measured no faster at D = 64 and 12% slower at D = 128).
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             dq_tile[...] = dq * plan.scale
             plgpu.commit_smem()
-            if plan.dq_store == "reduce":
-                rows = (batch, pl.ds(tile_at(i) * block_q, block_q), head, pl.ds(col0, dq_cols))
-                plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
+            rows = (batch, pl.ds(tile_at(i) * block_q, block_q), head, pl.ds(0, head_dim))
+            plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
 
         def probabilities(s_t, slot):
             plgpu.barrier_wait(lse_ready.at[slot])
@@ -187,22 +169,16 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             return (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
 
         def dq_product(dq_acc, buf):
-            """This consumer's dQ columns from both consumers' dS^T (read transposed)."""
+            """The step's dQ tile from both consumers' dS^T (read transposed)."""
             for j in range(CONSUMERS):
-                k_cols = k_smem.at[j].at[:, pl.ds(col0, dq_cols)] if by_columns else k_smem.at[j]
-                plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)), k_cols)
+                plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)), k_smem.at[j])
 
         def share_scores(ds_t, buf):
-            """Stores dS^T for the dQ products. By columns both consumers need both halves
-            and wait for each other; by steps consumer ``buf`` (= step parity) computes this
+            """Stores dS^T for the dQ product: consumer ``buf`` (= step parity) computes this
             step's dQ and waits, after its own step, for the other's half."""
             ds_smem.at[buf, wg][...] = ds_t
             plgpu.commit_smem()
-            if by_columns:
-                plgpu.barrier_arrive(ds_stored.at[buf])
-                plgpu.barrier_wait(ds_stored.at[buf])
-            else:
-                pl.when(wg != buf)(lambda: plgpu.barrier_arrive(ds_stored.at[buf]))
+            pl.when(wg != buf)(lambda: plgpu.barrier_arrive(ds_stored.at[buf]))
 
         def step(i, carry):
             """With ``overlap``: S^T and dP^T are issued together and P^T computed under dP^T;
@@ -215,7 +191,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             plgpu.barrier_wait(do_ready.at[slot])
 
             def body(acc_refs):
-                dk_acc, dv_acc, dq_acc = acc_refs
+                dk_acc, dv_acc, _ = acc_refs
 
                 def scoped(s_acc, dp_acc):
                     plgpu.wgmma(s_acc, k_tile, q_tile.transpose((1, 0)))
@@ -232,22 +208,20 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
                 pl.run_scoped(scoped, plgpu.ACC((block_k, block_q), jnp.float32),
                               plgpu.ACC((block_k, block_q), jnp.float32))
-                if by_columns:
-                    dq_product(dq_acc, buf)
 
             dk, dv = carry
-            dk, dv, dq = pl.run_state(body)(
-                (plgpu.ACC.init(dk), plgpu.ACC.init(dv), plgpu.ACC.init(zeros_qc)))
+            # The third accumulator is never read: it is what remains of the dQ split by columns
+            # (removed). Dropping it changes the compiled module (its zeros pass through
+            # wgmma fences each step), so it stays until a GPU run measures the kernel without.
+            dk, dv, _ = pl.run_state(body)(
+                (plgpu.ACC.init(dk), plgpu.ACC.init(dv), plgpu.ACC.init(zeros_qd)))
             plgpu.barrier_arrive(free.at[slot])  # Q, dO, LSE and delta of this slot are used
-            if by_columns:
+
+            @pl.when(wg == buf)
+            def _():
+                plgpu.barrier_wait(ds_stored.at[buf])
+                dq = pl.run_state(lambda acc: dq_product(acc, buf))(plgpu.ACC.init(zeros_qd))
                 send_dq(i, dq)
-            else:
-                @pl.when(wg == buf)
-                def _():
-                    plgpu.barrier_wait(ds_stored.at[buf])
-                    dq = pl.run_state(lambda acc: dq_product(acc, buf))(
-                        plgpu.ACC.init(zeros_qc))
-                    send_dq(i, dq)
             return dk, dv
 
         dk, dv = lax.fori_loop(0, steps, step, (zeros_kd, zeros_kd))
@@ -281,8 +255,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
         # One iteration per step, the refill of the slot step j freed guarded by a condition:
         # the same waits and copies in the same order as a loop over the refills alone
-        # (range(stages, steps)), but measured 7-8% faster by steps at D = 128 (16K keys:
-        # 4.80 against 5.22 ms; columns and D = 64 unchanged). ptxas allocates the whole
+        # (range(stages, steps)), but measured 7-8% faster at D = 128 (16K keys: 4.80
+        # against 5.22 ms; D = 64 unchanged). ptxas allocates the whole
         # kernel's registers differently with it: 80 bytes of spill stores against 100.
         @pl.loop(0, steps)
         def _(j):
@@ -319,24 +293,13 @@ def mosaic_backward(
     check_launch("mosaic backward", q_len, plan.block_q, k_len, plan.keys_per_program,
                  plan.has_lengths, lengths)
     q_tiles = q_len // plan.block_q
-    split = plan.dq_split
-    if split == "columns" and head_dim < 64:
-        raise ValueError(f"mosaic backward: dq_split 'columns' needs head_dim >= 64 (wgmma "
-                         f"tiles of D/2 columns), got {head_dim}")
-    for field, known in (("dq_split", DQ_SPLITS), ("dq_store", DQ_STORES)):
-        if (value := getattr(plan, field)) not in known:
-            raise ValueError(f"mosaic backward: {field} must be one of {known}, got {value!r}")
     plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles))
     # delta = rowsum(dO * O): one fused XLA reduction (a product and sum, not a dot, which XLA
     # would hand to its GEMM emitters), [b, h, nq] float32.
     delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
     lse = lse.astype(jnp.float32)
     dtype = q.dtype
-    dq_cols = head_dim // CONSUMERS if split == "columns" else head_dim
-    # K is read whole by the score products and by dq_cols-wide column groups by the dQ
-    # products, so its swizzle must not span more than one group; wgmma wants both
-    # shared-memory operands swizzled alike, so every 16-bit tile takes that swizzle.
-    tile = swizzled(dq_cols, dtype)
+    tile = swizzled(head_dim, dtype)  # 128-byte swizzle for D >= 64
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
@@ -351,14 +314,13 @@ def mosaic_backward(
             # dS^T of both consumers, two steps deep: one consumer may store the next step's
             # while the other still reads this step's.
             plgpu.SMEM((2, CONSUMERS, plan.block_k, plan.block_q), dtype, **tile),
-            plgpu.SMEM((CONSUMERS, plan.block_q, dq_cols), jnp.float32,
-                       **swizzled(dq_cols, jnp.float32)),  # dQ staging
+            plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), jnp.float32,
+                       **swizzled(head_dim, jnp.float32)),  # dQ staging
         )
         kv_loaded = (plgpu.Barrier(num_barriers=CONSUMERS),) * 2
         q_loaded = (plgpu.Barrier(num_barriers=plan.stages),) * 4
         released = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages)
-        ds_stored = plgpu.Barrier(num_arrivals=CONSUMERS if split == "columns" else 1,
-                                  num_barriers=2)
+        ds_stored = plgpu.Barrier(num_arrivals=1, num_barriers=2)
         keys_done = plgpu.Barrier(num_arrivals=CONSUMERS)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,

@@ -7,7 +7,7 @@ cuDNN's. With ``--clocks`` each row also gets the mean SM clock, power and tempe
 ``nvidia-smi`` sampled while it ran (sustained runs are power-capped: long shapes run at lower
 clocks than short ones, and two kernels' times compare fairly only at like clocks).
 
-    python3 scripts/time_mosaic_backward.py --n 16384 --d 64 [--plans default no-dq] [--clocks]
+    python3 scripts/time_mosaic_backward.py --n 16384 --d 64 [--plans default serial] [--clocks]
 
 One shape per process: run shapes as separate processes under ``timeout``.
 """
@@ -32,18 +32,13 @@ PLANS = {
     "serial": dict(overlap=False),
     "no-stagger": dict(stagger=False),
     "regs-232": dict(consumer_registers=232, producer_registers=40),
-    "columns": dict(dq_split="columns"),
     "stages3": dict(stages=3),
-    "steps": dict(dq_split="steps"),
-    # Diagnostics (wrong dQ): without the reduce-adds, and without the dQ staging as well.
-    "staging-only": dict(dq_store="staging"),
-    "no-dq": dict(dq_store="none"),
 }
 
 
 def plan_changes(name: str) -> dict:
     """MosaicBackwardPlan fields of a plan name: one of PLANS, or several joined by '+'
-    ("columns+no-stagger")."""
+    ("serial+no-stagger")."""
     changes = {}
     for part in name.split("+"):
         if part not in PLANS:
@@ -152,16 +147,16 @@ def main():
     fwd = compiled("mosaic fwd", lambda q, k, v: mosaic_forward(q, k, v, None, fplan), q, k, v)
     fwd_ms = measure("mosaic fwd", "fwd", fwd, q, k, v)
     out, lse = fwd(q, k, v)
-    bwds = {}  # plan name -> (plan, compiled backward)
+    bwds = {}  # plan name -> compiled backward
     for pname in args.plans:
         plan = dataclasses.replace(MosaicBackwardPlan(scale=scale), **plan_changes(pname))
 
         def bwd(q, k, v, o, lse, g, plan=plan):
             dq, dk, dv = mosaic_backward(q, k, v, o, lse, g, None, plan)
             return dq.astype(q.dtype), dk, dv
-        bwds[pname] = plan, compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
+        bwds[pname] = compiled(f"fused bwd [{pname}]", bwd, q, k, v, out, lse, d_out)
         log(f"running fused bwd [{pname}]")
-        ms = measure(f"fused bwd [{pname}]", "bwd", bwds[pname][1], q, k, v, out, lse, d_out)
+        ms = measure(f"fused bwd [{pname}]", "bwd", bwds[pname], q, k, v, out, lse, d_out)
         res[f"mosaic fwd + fused bwd [{pname}]"] = (fwd_ms + ms, work["fwd+bwd"], None)
         log(f"fused bwd [{pname}] {ms:.3f} ms")
 
@@ -170,9 +165,7 @@ def main():
     measure("cudnn fwd", "fwd", compiled("cudnn fwd", cudnn, q, k, v), q, k, v)
     measure("cudnn fwd+bwd", "fwd+bwd", cudnn_fb, q, k, v, d_out)
     want = cudnn_fb(q, k, v, d_out)[1]
-    for pname, (plan, bwd) in bwds.items():
-        if plan.dq_store != "reduce":
-            continue  # diagnostics give a wrong dQ by design
+    for pname, bwd in bwds.items():
         got = bwd(q, k, v, out, lse, d_out)
         log(f"fused [{pname}] (after mosaic fwd) vs cuDNN grads, relative error: " + ", ".join(
             f"d{nm} {rel_err(g, w):.2e}" for nm, g, w in zip("qkv", got, want, strict=True)))

@@ -68,8 +68,7 @@ def test_gpu_key_lengths(head_dim):
     assert np.all(np.asarray(dk[1, 131:]) == 0.0) and np.all(np.asarray(dv[1, 131:]) == 0.0)
 
 
-PLAN_CHANGES = [(64, dict(dq_split="columns")), (128, dict(dq_split="columns")),
-                (128, dict(dq_split="columns", lengths=[512, 200])), (64, dict(overlap=False)),
+PLAN_CHANGES = [(128, dict(lengths=[512, 200])), (64, dict(overlap=False)),
                 (64, dict(stagger=False)), (64, dict(stages=3)),
                 (128, dict(consumer_registers=232, producer_registers=40))]
 
@@ -115,14 +114,3 @@ def test_rejects_unaligned_lengths_and_missing_lengths():
     with pytest.raises(ValueError, match="head_dim one of"):
         x = jnp.zeros((1, 128, 1, 48), jnp.bfloat16)
         mosaic_backward(x, x, x, x, lse, x, None, MosaicBackwardPlan(scale=1.0))
-
-
-@pytest.mark.parametrize("change,message", [
-    (dict(dq_split="rows"), r"dq_split must be one of \('columns', 'steps'\), got 'rows'"),
-    (dict(dq_store="skip"), r"dq_store must be one of \('reduce', 'staging', 'none'\)"),
-])
-def test_rejects_unknown_dq_options(change, message):
-    x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-    lse = jnp.zeros((1, 1, 128), jnp.float32)
-    with pytest.raises(ValueError, match=message):
-        mosaic_backward(x, x, x, x, lse, x, None, MosaicBackwardPlan(scale=1.0, **change))

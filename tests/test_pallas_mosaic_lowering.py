@@ -31,10 +31,9 @@ def test_forward_lowers(head_dim, lengths):
 
 
 BACKWARD_CASES = [
-    (16, {}), (32, dict(lengths=True)), (64, {}), (64, dict(dq_split="columns")),
-    (64, dict(overlap=False, lengths=True)), (128, {}), (128, dict(dq_split="columns")),
-    (128, dict(dq_split="columns", stages=3, lengths=True)),
-    (32, dict(dq_store="staging")), (128, dict(dq_store="none")),
+    (16, {}), (32, dict(lengths=True)), (64, {}), (64, dict(overlap=False, lengths=True)),
+    (64, dict(stagger=False)), (64, dict(stages=3)), (128, {}), (128, dict(lengths=True)),
+    (128, dict(consumer_registers=232, producer_registers=40)),
 ]
 
 

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# GPU-machine job for the Mosaic kernels' fused backward. Steps (any subset, in order given):
-#   kernel-tests  the kernel's own GPU tests
+# GPU-machine job for the attention kernels. Steps (any subset, in order given):
+#   kernel-tests  the fused Mosaic backward's own GPU tests
 #   tests         the GPU tests of pallas_attention with both kernel families
-#   probe         many launches, one process per PROBES entry (';' separated arguments of
-#                 scripts/probe_mosaic_stall.py; a stall shows as a timeout, not a lost call)
-#   time          timings against cuDNN and the Triton kernels for SHAPES (N:D, space separated)
+#   time          the fused backward against cuDNN and the Triton kernels for SHAPES (N:D, space
+#                 separated; PLANS: plan names of scripts/time_mosaic_backward.py)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
 #   bench         xformers-zoo bench kernels (its JSON, Markdown and plot go to OUTDIR)
-# Logs go to OUTDIR/r and are packed into OUTDIR/mosaic_backward.tgz; summaries go to stdout.
-# Usage: SHAPES="16384:64 4096:128" bash scripts/gpu_mosaic_backward.sh OUTDIR STEP...
+# Logs go to OUTDIR/r and are packed into OUTDIR/kernel_logs.tgz; summaries go to stdout.
+# Usage: SHAPES="16384:64 4096:128" bash scripts/gpu_kernels.sh OUTDIR STEP...
 set -uo pipefail
 out=${1:?output folder}
 shift
@@ -41,18 +40,11 @@ for step in "$@"; do
       run tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_pallas_mosaic.py tests/test_pallas_attention.py
       tail -4 "$logs/tests.log" ;;
-    probe)
-      IFS=';' read -ra probes <<< "${PROBES:---n 1024 --d 128 --fresh;--n 512 --d 64 --fresh;--n 256 --d 64 --launches 200}"
-      for args in "${probes[@]}"; do
-        name="probe_$(echo "$args" | tr -d ' -')"
-        run "$name" 45 python3 scripts/probe_mosaic_stall.py $args
-        tail -1 "$logs/$name.log"
-      done ;;
     time)
       for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do
         n=${shape%:*} d=${shape#*:}
         run "time_${n}_${d}" 100 python3 scripts/time_mosaic_backward.py --n "$n" --d "$d" \
-          --plans ${PLANS:-default no-dq} ${TIME_ARGS:-}
+          --plans ${PLANS:-default} ${TIME_ARGS:-}
         grep -E "relative error|^==|  " "$logs/time_${n}_${d}.log" | grep -v compiled
       done ;;
     ptxas)
@@ -67,4 +59,4 @@ for step in "$@"; do
     *) echo "unknown step $step" ;;
   esac
 done
-tar czf "$out/mosaic_backward.tgz" -C "$out" r && rm -rf "$logs"
+tar czf "$out/kernel_logs.tgz" -C "$out" r && rm -rf "$logs"
