@@ -31,29 +31,29 @@ from jaxtyping import Array, Bool, Float
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall
 from xformers_zoo.kernels.pallas_backward import flash_backward
-from xformers_zoo.kernels.pallas_common import (
-    KernelPlan,
-    TileSchedule,
-    schedule_from_visibility,
-    tile_visibility,
-)
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 from xformers_zoo.kernels.pallas_mosaic_forward import (
     BLOCK_K,
     BLOCK_Q,
-    CONSUMERS,
+    QUERY_TILES_PER_PROGRAM,
     MosaicPlan,
     mosaic_forward,
     mosaic_rejects,
+)
+from xformers_zoo.kernels.pallas_schedule import (
+    KernelPlan,
+    TileSchedule,
+    schedule_from_visibility,
+    tile_visibility,
 )
 from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
 KERNEL_FAMILIES = ("mosaic", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = ("bfloat16", "float16", "float32")
+KERNEL_DTYPES = ("bfloat16", "float16", "float32")  # either family; Mosaic: MOSAIC_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,8 @@ def _zero_pad_head_dim(size: int, *arrays: Float[Array, "b n h d"]) -> tuple[jax
 
 def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> str | None:
     """Why the kernels cannot take inputs of this dtype, head dim and block mask, or None."""
-    if dtype not in DTYPES:
-        return f"dtype must be one of {DTYPES}, got {dtype}"
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype must be one of {KERNEL_DTYPES}, got {dtype}"
     if not 0 < head_dim <= HEAD_DIMS[-1]:
         return (f"head_dim must be 1 to {HEAD_DIMS[-1]} (sizes other than {HEAD_DIMS} are "
                 f"zero-padded to the next of them), got {head_dim}")
@@ -233,7 +233,8 @@ def pallas_attention(
                              block_mask=block_mask, key_mask=key_mask,
                              key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
     if use_mosaic:  # its tiles set the padding of q and k/v too
-        passes[0] = dataclasses.replace(passes[0], block_q=CONSUMERS * BLOCK_Q, block_k=BLOCK_K)
+        passes[0] = dataclasses.replace(passes[0], block_q=QUERY_TILES_PER_PROGRAM * BLOCK_Q,
+                                        block_k=BLOCK_K)
     q_pad = _round_up(q_len, max(t.block_q for t in passes))
     k_pad = _round_up(k_len, max(t.block_k for t in passes))
 

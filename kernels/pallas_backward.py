@@ -23,29 +23,31 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from xformers_zoo.kernels.pallas_common import (
+from xformers_zoo.kernels.pallas_dropout import keep_tile
+from xformers_zoo.kernels.pallas_in_kernel import (
     LOG2_E,
-    KernelPlan,
-    TileSchedule,
     batch_and_head,
-    bias_row_spec,
     causal_k_end,
     causal_q_start,
     dot_nn,
     dot_nt,
     dot_tn,
-    grid,
     listed_tile,
     locate_row,
     mask_logits,
     read_own,
-    row_spec,
     store_result,
+)
+from xformers_zoo.kernels.pallas_schedule import (
+    KernelPlan,
+    TileSchedule,
+    bias_row_spec,
+    grid,
+    row_spec,
     whole_array_specs,
     whole_bias_spec,
     whole_spec,
 )
-from xformers_zoo.kernels.pallas_dropout import keep_tile
 from xformers_zoo.kernels.pallas_split import add_partial_sums, partial_outputs
 
 

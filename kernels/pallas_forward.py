@@ -19,27 +19,29 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from xformers_zoo.kernels.pallas_common import (
+from xformers_zoo.kernels.pallas_dropout import keep_tile
+from xformers_zoo.kernels.pallas_in_kernel import (
     EMPTY_ROW_LSE,
     LOG2_E,
-    KernelPlan,
-    TileSchedule,
     batch_and_head,
     causal_k_end,
     dot_nn,
     dot_nt,
-    grid,
     listed_tile,
     locate_row,
     mask_logits,
     read_own,
-    row_spec,
     store_result,
+)
+from xformers_zoo.kernels.pallas_schedule import (
+    KernelPlan,
+    TileSchedule,
+    grid,
+    row_spec,
     whole_array_specs,
     whole_bias_spec,
     whole_spec,
 )
-from xformers_zoo.kernels.pallas_dropout import keep_tile
 from xformers_zoo.kernels.pallas_split import merge_softmax_parts, partial_outputs
 
 

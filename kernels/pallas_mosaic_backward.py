@@ -46,7 +46,6 @@ There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +53,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from xformers_zoo.kernels.pallas_in_kernel import LOG2_E
 from xformers_zoo.kernels.pallas_mosaic_forward import (
-    DTYPES,
     HEAD_DIMS,
+    MOSAIC_DTYPES,
     check_launch,
     swizzled,
 )
 
-CONSUMERS = 2  # key tiles (warpgroups) per program
-_LOG2E = 1.0 / math.log(2.0)
+# Consumer warpgroups per program, each owning one key tile (the producer is one more).
+KEY_TILES_PER_PROGRAM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class MosaicBackwardPlan:
     @property
     def keys_per_program(self) -> int:
         """Keys one program covers (the caller pads k to a multiple of this)."""
-        return CONSUMERS * self.block_k
+        return KEY_TILES_PER_PROGRAM * self.block_k
 
 
 def _load(ref, layout):
@@ -126,7 +126,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
     def tile_at(i):
         return lax.rem(i + first, q_tiles) if plan.stagger else i
 
-    @pl.when(wg < CONSUMERS)
+    @pl.when(wg < KEY_TILES_PER_PROGRAM)
     def _consumer():
         # The consumers hold two [block_k, D] float32 accumulators plus two [block_k, block_q]
         # score tiles; the producer only computes addresses.
@@ -141,7 +141,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         column = plgpu.Layout.WGMMA.reduce(0)
         zeros_kd = plgpu.layout_cast(jnp.zeros((block_k, head_dim), jnp.float32), wgmma_layout)
         zeros_qd = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), wgmma_layout)
-        log2_scale = plan.scale * _LOG2E
+        log2_scale = plan.scale * LOG2_E
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
 
@@ -170,7 +170,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
         def dq_product(dq_acc, buf):
             """The step's dQ tile from both consumers' dS^T (read transposed)."""
-            for j in range(CONSUMERS):
+            for j in range(KEY_TILES_PER_PROGRAM):
                 plgpu.wgmma(dq_acc, ds_smem.at[buf, j].transpose((1, 0)), k_smem.at[j])
 
         def share_scores(ds_t, buf):
@@ -236,7 +236,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == CONSUMERS)
+    @pl.when(wg == KEY_TILES_PER_PROGRAM)
     def _producer():
         plgpu.set_max_registers(plan.producer_registers, action="decrease")
 
@@ -287,9 +287,9 @@ def mosaic_backward(
 
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    if str(q.dtype) not in DTYPES or head_dim not in HEAD_DIMS:
-        raise ValueError(f"mosaic backward: dtype must be one of {DTYPES} and head_dim one of "
-                         f"{HEAD_DIMS}, got {q.dtype} and {head_dim}")
+    if str(q.dtype) not in MOSAIC_DTYPES or head_dim not in HEAD_DIMS:
+        raise ValueError(f"mosaic backward: dtype must be one of {MOSAIC_DTYPES} and head_dim "
+                         f"one of {HEAD_DIMS}, got {q.dtype} and {head_dim}")
     check_launch("mosaic backward", q_len, plan.block_q, k_len, plan.keys_per_program,
                  plan.has_lengths, lengths)
     q_tiles = q_len // plan.block_q
@@ -305,30 +305,30 @@ def mosaic_backward(
         lengths_ref = refs[0] if plan.has_lengths else None
         dq_ref, dk_ref, dv_ref = refs[-3:]
         buffers = (
-            plgpu.SMEM((CONSUMERS, plan.block_k, head_dim), dtype, **tile),  # K
-            plgpu.SMEM((CONSUMERS, plan.block_k, head_dim), dtype, **tile),  # V
+            plgpu.SMEM((KEY_TILES_PER_PROGRAM, plan.block_k, head_dim), dtype, **tile),  # K
+            plgpu.SMEM((KEY_TILES_PER_PROGRAM, plan.block_k, head_dim), dtype, **tile),  # V
             plgpu.SMEM((plan.stages, plan.block_q, head_dim), dtype, **tile),  # Q
             plgpu.SMEM((plan.stages, plan.block_q, head_dim), dtype, **tile),  # dO
             plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # LSE
             plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # delta
             # dS^T of both consumers, two steps deep: one consumer may store the next step's
             # while the other still reads this step's.
-            plgpu.SMEM((2, CONSUMERS, plan.block_k, plan.block_q), dtype, **tile),
-            plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), jnp.float32,
+            plgpu.SMEM((2, KEY_TILES_PER_PROGRAM, plan.block_k, plan.block_q), dtype, **tile),
+            plgpu.SMEM((KEY_TILES_PER_PROGRAM, plan.block_q, head_dim), jnp.float32,
                        **swizzled(head_dim, jnp.float32)),  # dQ staging
         )
-        kv_loaded = (plgpu.Barrier(num_barriers=CONSUMERS),) * 2
+        kv_loaded = (plgpu.Barrier(num_barriers=KEY_TILES_PER_PROGRAM),) * 2
         q_loaded = (plgpu.Barrier(num_barriers=plan.stages),) * 4
-        released = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages)
+        released = plgpu.Barrier(num_arrivals=KEY_TILES_PER_PROGRAM, num_barriers=plan.stages)
         ds_stored = plgpu.Barrier(num_arrivals=1, num_barriers=2)
-        keys_done = plgpu.Barrier(num_arrivals=CONSUMERS)
+        keys_done = plgpu.Barrier(num_arrivals=KEY_TILES_PER_PROGRAM)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,
                                      dq_ref, dk_ref, dv_ref, scratch, plan=plan, q_tiles=q_tiles),
             buffers, kv_loaded, q_loaded, released, ds_stored, keys_done, collective_axes="wg")
 
     mesh = plgpu.Mesh(grid=(heads, k_len // plan.keys_per_program, batch),
-                      grid_names=("heads", "k", "batch"), num_threads=CONSUMERS + 1,
+                      grid_names=("heads", "k", "batch"), num_threads=KEY_TILES_PER_PROGRAM + 1,
                       thread_name="wg")
     call = pl.kernel(
         entry,

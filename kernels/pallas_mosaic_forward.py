@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +29,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from xformers_zoo.kernels.pallas_common import EMPTY_ROW_LSE
+from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = ("bfloat16", "float16")
-CONSUMERS = 2  # query tiles (warpgroups) per program
+MOSAIC_DTYPES = ("bfloat16", "float16")
+# Consumer warpgroups per program, each owning one query tile (the producer is one more).
+QUERY_TILES_PER_PROGRAM = 2
 BLOCK_Q = 64  # query rows per consumer warpgroup (one wgmma M tile)
 BLOCK_K = 128  # keys per streamed tile (64 measured 12-20% slower)
-_LN2_INV = 1.0 / math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +52,7 @@ class MosaicPlan:
     @property
     def rows_per_program(self) -> int:
         """Query rows one program covers (the wrapper pads q to a multiple of this)."""
-        return CONSUMERS * self.block_q
+        return QUERY_TILES_PER_PROGRAM * self.block_q
 
 
 def swizzled(columns: int, dtype) -> dict:
@@ -82,8 +81,8 @@ def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multipl
 def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
                    has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool) -> str | None:
     """Why this forward cannot serve a call (the Triton forward then does), or None."""
-    if dtype not in DTYPES:
-        return f"dtype must be one of {DTYPES}, got {dtype}"
+    if dtype not in MOSAIC_DTYPES:
+        return f"dtype must be one of {MOSAIC_DTYPES}, got {dtype}"
     if head_dim not in HEAD_DIMS:
         return f"head_dim must be one of {HEAD_DIMS}, got {head_dim}"
     if causal:
@@ -118,12 +117,12 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
 
-    @pl.when(wg < CONSUMERS)
+    @pl.when(wg < QUERY_TILES_PER_PROGRAM)
     def _consumer():
         # The producer needs few registers; the consumers hold accumulators and probabilities.
         plgpu.set_max_registers(232, action="increase")
         q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
-        row0 = (lax.axis_index("q") * CONSUMERS + wg) * block_q
+        row0 = (lax.axis_index("q") * QUERY_TILES_PER_PROGRAM + wg) * block_q
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile,
                                 q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
@@ -133,7 +132,7 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
         total = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                 plgpu.Layout.WGMMA)
-        log2_scale = plan.scale * _LN2_INV  # logits in base-2 units, as pallas_forward's
+        log2_scale = plan.scale * LOG2_E  # logits in base-2 units, as pallas_forward's
 
         @pl.when(steps > 0)
         def _():
@@ -191,9 +190,9 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
         if plan.has_lengths:  # a sequence of length 0: no keys, output 0, empty-row LSE
             seen = total > 0.0
             total = jnp.where(seen, total, 1.0)
-            lse = jnp.where(seen, m + jnp.log(total) * _LN2_INV, EMPTY_ROW_LSE)
+            lse = jnp.where(seen, m + jnp.log(total) * LOG2_E, EMPTY_ROW_LSE)
         else:
-            lse = m + jnp.log(total) * _LN2_INV
+            lse = m + jnp.log(total) * LOG2_E
         acc = acc / lax.broadcast_in_dim(total, acc.shape, [0])
         q_tile[...] = acc.astype(dtype)  # the query tile's slot is free: stage O there
         lse_tile[...] = lse
@@ -202,7 +201,7 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
         plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, pl.ds(row0, block_q)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == CONSUMERS)
+    @pl.when(wg == QUERY_TILES_PER_PROGRAM)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
@@ -249,15 +248,16 @@ def mosaic_forward(
     def entry(q_ref, k_ref, v_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
         o_ref, lse_ref = refs[-2:]
-        buffers = (plgpu.SMEM((CONSUMERS, plan.block_q, head_dim), q.dtype, **tile),
+        buffers = (plgpu.SMEM((QUERY_TILES_PER_PROGRAM, plan.block_q, head_dim), q.dtype, **tile),
                    plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **tile),
                    plgpu.SMEM((plan.stages, plan.block_k, head_dim), v.dtype, **tile),
-                   plgpu.SMEM((CONSUMERS, plan.block_q), jnp.float32))
-        loaded = (plgpu.Barrier(num_barriers=CONSUMERS),
+                   plgpu.SMEM((QUERY_TILES_PER_PROGRAM, plan.block_q), jnp.float32))
+        loaded = (plgpu.Barrier(num_barriers=QUERY_TILES_PER_PROGRAM),
                   plgpu.Barrier(num_barriers=plan.stages),
                   plgpu.Barrier(num_barriers=plan.stages))
-        released = (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=plan.stages),) * 2
-        turn = plgpu.Barrier(num_arrivals=CONSUMERS)
+        released = (plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM,
+                                  num_barriers=plan.stages),) * 2
+        turn = plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch,
                                      plan=plan, k_tiles=k_tiles),
@@ -268,7 +268,7 @@ def mosaic_forward(
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
         grid=(heads, q_len // plan.rows_per_program, batch), grid_names=("heads", "q", "batch"),
-        num_threads=CONSUMERS + 1, thread_name="wg",
+        num_threads=QUERY_TILES_PER_PROGRAM + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True))
     args = (q, k, v) if lengths is None else (q, k, v, lengths.astype(jnp.int32))
     return call(*args)

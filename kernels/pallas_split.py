@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from xformers_zoo.kernels.pallas_common import (
+from xformers_zoo.kernels.pallas_in_kernel import (
     EMPTY_ROW_LSE,
+)
+from xformers_zoo.kernels.pallas_schedule import (
     NO_WRITE,
     WHOLE_ROW,
     RowSplit,

@@ -14,6 +14,20 @@ from xformers_zoo.kernels.block_mask import BlockMask
 MASKED = -1e30
 
 
+def attention_dropout(
+    weights: Float[Array, "*batch q k"], rate: float, rng: jax.Array | None
+) -> Float[Array, "*batch q k"]:
+    """Dropout on normalised attention weights (Srivastava et al. 2014, "Dropout: A Simple Way
+    to Prevent Neural Networks from Overfitting"): each weight is kept with probability
+    ``1 - rate`` and scaled by ``1 / (1 - rate)``; ``rate`` 0 returns ``weights`` unchanged."""
+    if rate == 0.0:
+        return weights
+    if rng is None:
+        raise ValueError("attention dropout needs a key: pass rngs with a 'dropout' stream")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
 def attention_mask(
     q_len: int,
     k_len: int,
@@ -62,9 +76,7 @@ def xla_attention(
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
-    if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = attention_dropout(weights, dropout_rate, dropout_rng)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)

@@ -16,7 +16,8 @@ from xformers_zoo.layers.heads import ClassifierHead, dual_features, pool
 from xformers_zoo.tasks import TaskSpec
 from xformers_zoo.variants import VARIANTS
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+# Names a config may give ``model.dtype``, with the dtype each stands for.
+COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 class Classifier(nnx.Module):
@@ -32,7 +33,7 @@ class Classifier(nnx.Module):
 
     def __init__(self, config: ModelConfig, task: TaskSpec, *, max_length: int, rngs: nnx.Rngs):
         spec = VARIANTS.get(config.variant)
-        dtype = DTYPES[config.dtype]
+        dtype = COMPUTE_DTYPES[config.dtype]
         self.config, self.task, self.max_length = config, task, max_length
         # Unit-variance token embeddings as in the public LRA code: flax's default (std
         # 1/sqrt(width), 0.044 at width 512) leaves tokens 20x fainter than the sinusoidal

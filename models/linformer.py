@@ -27,6 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.config import ConfigError
+from xformers_zoo.kernels.xla import attention_dropout
 from xformers_zoo.models.masked_softmax import dropout_key
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -124,7 +125,5 @@ class LinformerAttention(nnx.Module):
         logits = jnp.einsum("bnhd,bkhd->bhnk", q.astype(jnp.float32), k_low) * q.shape[-1] ** -0.5
         weights = jax.nn.softmax(logits, axis=-1)  # [b, h, n, k]
         key = dropout_key(rngs, self.dropout, deterministic)
-        if key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, weights.shape)
-            weights = jnp.where(keep, weights / (1.0 - self.dropout), 0.0)
+        weights = attention_dropout(weights, 0.0 if key is None else self.dropout, key)
         return jnp.einsum("bhnk,bkhd->bnhd", weights, v_low).astype(q.dtype)

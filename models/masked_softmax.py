@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.kernels.xla import MASKED
+from xformers_zoo.kernels.xla import MASKED, attention_dropout
 
 
 def pad_to_multiple(x: Array, multiple: int, *, axis: int, value=0) -> Array:
@@ -45,11 +45,7 @@ def attend(
     lse = jax.nn.logsumexp(logits, axis=-1)
     weights = jnp.exp(logits - lse[..., None])
     weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("attention dropout needs a key: pass rngs with a 'dropout' stream")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = attention_dropout(weights, dropout_rate, dropout_rng)
     out = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values,
                      preferred_element_type=jnp.float32)
     return out, lse

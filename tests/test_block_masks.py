@@ -7,7 +7,7 @@ import pytest
 
 from xformers_zoo.kernels import masks
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.pallas_common import (
+from xformers_zoo.kernels.pallas_schedule import (
     NO_WRITE,
     WHOLE_ROW,
     schedule_from_visibility,

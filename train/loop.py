@@ -217,7 +217,6 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
                                  best=is_eval and improved)
                 last_good = step
                 window_start = time.perf_counter()
-        bar.close()
         result = _finish(setup, checkpoints, state, config, metrics_log, best, rates)
     finally:
         bar.close()
