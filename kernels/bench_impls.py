@@ -54,8 +54,20 @@ def pallas_triton(**kwargs):
 
 
 def cudnn(*, b, n, h, d, **_):
+    """cuDNN as a user calls it without a mask: the plain call (no sequence lengths)."""
     del b, n, h
     return (lambda q, k, v: cudnn_attention(q, k, v, scale=d**-0.5)), None
+
+
+def cudnn_lengths(*, b, n, h, d, **_):
+    """cuDNN with a key padding mask (all keys real), passed as per-sequence lengths: what a
+    masked call pays over the plain one."""
+    del h
+
+    def attend(q, k, v):
+        return cudnn_attention(q, k, v, key_mask=jnp.ones((b, n), bool), scale=d**-0.5)
+
+    return attend, None
 
 
 def xla(*, b, n, h, d, dropout_rate=0.0, **_):
@@ -93,4 +105,5 @@ def jax_mgpu(*, b, n, h, d, **_):
 
 
 IMPLS: dict[str, Callable] = {"pallas": pallas, "pallas_triton": pallas_triton, "cudnn": cudnn,
-                              "xla": xla, "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}
+                              "cudnn-lengths": cudnn_lengths, "xla": xla,
+                              "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}

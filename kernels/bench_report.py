@@ -50,7 +50,7 @@ def sparse_table(report: dict) -> list[str]:
     dense = next((r for r in report["dense"] if r["impl"] == "cudnn" and r["n"] == first["n"]
                   and r["d"] == first["d"] and r["heads"] == first["heads"]
                   and r["batch"] == first["batch"]), {})
-    lines = [f"Block-sparse pallas, N={first['n']}, D={first['d']}, B x H = "
+    lines = [f"Block-sparse rows, N={first['n']}, D={first['d']}, B x H = "
              f"{first['batch']}x{first['heads']}, 128-token tiles, sliding window + 2 global "
              f"tiles. TFLOP/s count only computed tiles.", "",
              "| window | density | impl | fwd ms (TFLOP/s) | fwd+bwd ms (TFLOP/s) "
@@ -63,13 +63,31 @@ def sparse_table(report: dict) -> list[str]:
     return lines
 
 
+def torch_line(report: dict) -> str:
+    """Which PyTorch timed the peer rows (``torch-*``), or why there are none."""
+    peers = report.get("torch")
+    if peers is None:
+        return "PyTorch peer rows: not asked for."
+    about = peers.get("about")
+    lines = []
+    if about:
+        lines.append(f"PyTorch peer rows (`torch-*`, CUDA events, same shapes, bf16): PyTorch "
+                     f"{about['torch']}, CUDA {about['cuda']}, cuDNN {about['cudnn']}.")
+    if peers.get("skipped"):
+        lines.append(f"PyTorch peer rows {'cut short' if about else 'skipped'}: "
+                     f"{peers['skipped']}.")
+    return " ".join(lines)
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """The report as Markdown: provenance, ceilings, dense table, sparse table, failures."""
     ceil = report["ceilings"]
     lines = [f"# bench kernels: {report['device']}, JAX {report['jax']}", "",
              f"Command: `{report['command']}`. {report['dtype']}, non-causal. Measured ceilings: "
              f"{ceil['matmul_tflops']:.0f} TFLOP/s (bf16 8192^3 product), "
-             f"{ceil['copy_gbps']:.0f} GB/s (copy, read + write). Times are medians.", "",
+             f"{ceil['copy_gbps']:.0f} GB/s (copy, read + write). Times are medians; ratios are "
+             f"against the plain cuDNN call (`cudnn`; `cudnn-lengths` passes a key mask as "
+             f"sequence lengths).", "", torch_line(report), "",
              *dense_table(report), "", *sparse_table(report), ""]
     errors = [(r["impl"], r["n"], r["d"], r[k]) for r in report["dense"] + report["sparse"]
               for k in ("fwd_error", "fwd_bwd_error") if k in r]
@@ -98,12 +116,13 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set(xscale="log", xlabel="N", ylabel="fwd+bwd TFLOP/s", title=f"D={d}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for mode in ("fwd", "fwd_bwd"):
-        pts = [(r["density"], r[f"{mode}_ms"]) for r in report["sparse"]
-               if f"{mode}_ms" in r and r["impl"] == "pallas-sparse"]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"block-sparse {mode}")
-    ax.set(xlabel="tile density", ylabel="ms", title="block-sparse pallas")
+    for impl in ("pallas-sparse", "torch-flex-sparse"):
+        for mode in ("fwd", "fwd_bwd"):
+            pts = [(r["density"], r[f"{mode}_ms"]) for r in report["sparse"]
+                   if f"{mode}_ms" in r and r["impl"] == impl]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{impl} {mode}")
+    ax.set(xlabel="tile density", ylabel="ms", title="block-sparse")
     ax.legend(fontsize=7)
     fig.suptitle(f"{report['device']}, JAX {report['jax']}")
     fig.tight_layout()

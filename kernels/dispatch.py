@@ -40,12 +40,14 @@ class AttentionCall:
 
 @dataclasses.dataclass(frozen=True)
 class KernelImpl:
-    """An attention implementation: ``rejects(call)`` gives a reason it cannot serve, or None."""
+    """An attention implementation: ``rejects(call)`` gives a reason it cannot serve, or None;
+    ``form(call)``, where given, names the way it serves a call (cuDNN: "plain" or "lengths")."""
 
     name: str
     fn: Callable[..., jax.Array]
     rejects: Callable[[AttentionCall], str | None]
     description: str = ""
+    form: Callable[[AttentionCall], str] | None = None
 
 
 IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")
@@ -72,6 +74,13 @@ def choose_implementation(
         skipped.append((name, reason))
     detail = "; ".join(f"{n}: {r}" for n, r in skipped)
     raise NoImplementationError(f"no attention implementation can serve this call ({detail})")
+
+
+def describe_choice(call: AttentionCall, implementation: Sequence[str]) -> str:
+    """The implementation that serves ``call`` and, where it has forms, which one: e.g.
+    "cudnn (plain)" for a call without a key mask, "cudnn (lengths)" with one."""
+    impl, _ = choose_implementation(call, implementation)
+    return impl.name if impl.form is None else f"{impl.name} ({impl.form(call)})"
 
 
 def dot_product_attention(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,8 @@ from xformers_zoo.kernels.pallas_schedule import (
 from xformers_zoo.kernels.pallas_split import split_long_rows
 
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
-KERNEL_FAMILIES = ("mosaic", "triton")
+KernelFamily = Literal["mosaic", "triton"]
+KERNEL_FAMILIES: tuple[str, ...] = get_args(KernelFamily)
 HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = ("bfloat16", "float16", "float32")  # either family; Mosaic: MOSAIC_DTYPES
 
@@ -193,7 +195,7 @@ def pallas_attention(
     interpret: bool | None = None,
     tiles: FlashTiles | None = None,
     key_mask_is_prefix: bool = False,
-    kernels: str | None = None,
+    kernels: KernelFamily | None = None,
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
@@ -279,7 +281,7 @@ def pallas_attention(
     return out[:, :q_len]
 
 
-def _use_mosaic(kernels: str | None, interpret: bool, dtype: str, head_dim: int, *,
+def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_dim: int, *,
                 causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
                 dropout_rate: float) -> bool:
     """Whether the Mosaic kernels run this call (else the Triton kernels). Asked for by name,

@@ -75,7 +75,9 @@ class Classifier(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
             mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+        # Tasks without padding pass no key mask, so attention can run unmasked (variants.py).
+        key_mask = mask if self.task.has_padding else None
+        x = self.encoder(x, key_mask, deterministic=deterministic, rngs=rngs)
         return pool(x, mask, self.config.pooling)
 
     def __call__(self, tokens: Int[Array, "b *n l"], mask: Bool[Array, "b *n l"], *,

@@ -24,5 +24,5 @@ register_variant(
     "flash", config_cls=FlashConfig,
     paper="Dao et al. 2022, FlashAttention: Fast and Memory-Efficient Exact Attention with "
           "IO-Awareness",
-    capabilities=Capabilities(causal=True, cross_attention=True),
+    capabilities=Capabilities(causal=True, cross_attention=True, accepts_no_mask=True),
 )(FullAttention)

@@ -27,10 +27,12 @@ class FullConfig:
 @register_variant(
     "full", config_cls=FullConfig,
     paper="Vaswani et al. 2017, Attention Is All You Need",
-    capabilities=Capabilities(causal=True, cross_attention=True),
+    capabilities=Capabilities(causal=True, cross_attention=True, accepts_no_mask=True),
 )
 class FullAttention(nnx.Module):
-    """Exact softmax attention over every key; quadratic in length."""
+    """Exact softmax attention over every key; quadratic in length. Without a key mask (inputs
+    without padding) the implementations run unmasked: cuDNN gets its plain call, not
+    sequence lengths."""
 
     def __init__(self, config: FullConfig, *, num_heads: int, head_dim: int, max_length: int,
                  dropout: float, rngs: nnx.Rngs):
@@ -39,7 +41,7 @@ class FullAttention(nnx.Module):
         self.dropout = dropout
 
     def __call__(self, q: Float[Array, "b l h d"], k: Float[Array, "b l h d"],
-                 v: Float[Array, "b l h d"], key_mask: Bool[Array, "b l"], *,
+                 v: Float[Array, "b l h d"], key_mask: Bool[Array, "b l"] | None, *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l h d"]:
         key = dropout_key(rngs, self.dropout, deterministic)
         return dot_product_attention(

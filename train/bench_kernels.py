@@ -2,8 +2,11 @@
 
 For each sequence length N and head dim D (bf16, non-causal; batch x N = ``--tokens`` and
 heads x D = ``--width``, as in the FlashAttention-2 paper's benchmarks) it times the forward pass
-and forward + backward of ``pallas`` (kernels/pallas_*.py), ``cudnn``, ``xla`` and JAX's bundled
-Pallas attentions (Triton ``mha`` and Mosaic GPU ``attention_mgpu``), reports TFLOP/s
+and forward + backward of ``pallas`` (kernels/pallas_*.py), ``cudnn`` (the plain call, the
+baseline of every ratio), ``cudnn-lengths`` (the same with a key mask as sequence lengths),
+``xla``, JAX's bundled Pallas attentions (Triton ``mha`` and Mosaic GPU ``attention_mgpu``) and,
+where PyTorch is installed, PyTorch's cuDNN attention and FlexAttention (kernels/bench_torch.py,
+timed in a child process as a PyTorch user would time them), reports TFLOP/s
 (4 B H N^2 D forward, 2.5x that backward), the compiled program's device memory, and two floors:
 FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwidth. A second
 table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
@@ -27,6 +30,7 @@ import numpy as np
 from xformers_zoo.kernels import masks
 from xformers_zoo.kernels.bench_impls import DROPOUT_IMPLS, IMPLS, make_inputs, parse_tiles
 from xformers_zoo.kernels.bench_report import write_markdown, write_plot
+from xformers_zoo.kernels.bench_torch import DENSE_PEERS, PEERS, SPARSE_PEER, run_peers
 
 
 def median_seconds(fn, args, repeats: int, sample_seconds: float = 0.02) -> float:
@@ -75,33 +79,59 @@ def _fwd_bwd(attend):
     return run
 
 
-def measure(impl: str, attend, inputs, *, flops: float, bytes_fwd: float, bytes_bwd: float,
-            ceil: dict, repeats: int) -> dict:
+def work_and_bytes(b: int, n: int, h: int, d: int, density: float = 1.0) -> dict:
+    """(FLOPs, bytes moved) of each mode: 4 B H N^2 D forward (times the computed tiles'
+    density), 2.5x that backward; q, k, v, O once forward, and q, k, v, O, dO, dq, dk, dv
+    backward (bf16)."""
+    flops = 4.0 * b * h * n * n * d * density
+    elem = b * n * h * d * 2  # bytes of one bf16 [b, n, h, d] tensor
+    return {"fwd": (flops, 4 * elem), "fwd_bwd": (3.5 * flops, 12 * elem)}
+
+
+def add_timing(row: dict, mode: str, seconds: float, memory: int | None, work: dict,
+               ceil: dict) -> None:
+    """Puts one mode's time, TFLOP/s, memory and floors into ``row``."""
+    flops, moved = work[mode]
+    row[f"{mode}_ms"] = seconds * 1e3
+    row[f"{mode}_tflops"] = flops / seconds / 1e12
+    row[f"{mode}_bytes"] = memory
+    row[f"{mode}_floor_flops_ms"] = flops / (ceil["matmul_tflops"] * 1e12) * 1e3
+    row[f"{mode}_floor_bytes_ms"] = moved / (ceil["copy_gbps"] * 1e9) * 1e3
+
+
+def measure(impl: str, attend, inputs, *, work: dict, ceil: dict, repeats: int) -> dict:
     """Forward and forward+backward time, TFLOP/s, memory and floors of one implementation."""
     row: dict = {"impl": impl}
     q, k, v, d_out = inputs
-    for mode, fn, args, work, moved in (
-        ("fwd", jax.jit(attend), (q, k, v), flops, bytes_fwd),
-        ("fwd_bwd", jax.jit(_fwd_bwd(attend)), (q, k, v, d_out), 3.5 * flops,
-         bytes_fwd + bytes_bwd),
-    ):
+    for mode, fn, args in (("fwd", jax.jit(attend), (q, k, v)),
+                           ("fwd_bwd", jax.jit(_fwd_bwd(attend)), (q, k, v, d_out))):
         try:
             seconds = median_seconds(fn, args, repeats)
         except Exception as err:  # noqa: BLE001 - a failing implementation is a result
             row[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             continue
-        row[f"{mode}_ms"] = seconds * 1e3
-        row[f"{mode}_tflops"] = work / seconds / 1e12
-        row[f"{mode}_bytes"] = device_bytes(fn, args)
-        row[f"{mode}_floor_flops_ms"] = work / (ceil["matmul_tflops"] * 1e12) * 1e3
-        row[f"{mode}_floor_bytes_ms"] = moved / (ceil["copy_gbps"] * 1e9) * 1e3
+        add_timing(row, mode, seconds, device_bytes(fn, args), work, ceil)
+    return row
+
+
+def peer_row(measured: dict, ceil: dict, density: float = 1.0) -> dict:
+    """A PyTorch peer's row (``bench_torch``: seconds and peak bytes per mode) in the form of
+    the JAX rows."""
+    row = {k: v for k, v in measured.items()
+           if not k.endswith(("_seconds", "_bytes"))}
+    work = work_and_bytes(row["batch"], row["n"], row["heads"], row["d"], density)
+    for mode in ("fwd", "fwd_bwd"):
+        if f"{mode}_seconds" in measured:
+            add_timing(row, mode, measured[f"{mode}_seconds"], measured.get(f"{mode}_bytes"),
+                       work, ceil)
     return row
 
 
 def _variants(args) -> list[tuple[str, float]]:
     """(implementation[@tiles], dropout rate) of every dense row of one shape."""
-    plain = [(impl, 0.0) for impl in [*args.impls, *(f"pallas@{t}" for t in args.pallas_tiles)]]
-    dropped = [(impl, args.dropout_rate) for impl in args.impls
+    impls = [impl for impl in args.impls if impl in IMPLS]
+    plain = [(impl, 0.0) for impl in [*impls, *(f"pallas@{t}" for t in args.pallas_tiles)]]
+    dropped = [(impl, args.dropout_rate) for impl in impls
                if args.dropout_rate > 0.0 and impl in DROPOUT_IMPLS]
     return plain + dropped
 
@@ -112,8 +142,7 @@ def dense_rows(args, ceil) -> list[dict]:
         for d in args.head_dims:
             b, h = max(1, args.tokens // n), max(1, args.width // d)
             inputs = make_inputs(b, n, h, d, seed=n + d)
-            flops = 4.0 * b * h * n * n * d
-            elem = b * n * h * d * 2  # bytes of one bf16 [b, n, h, d] tensor
+            work = work_and_bytes(b, n, h, d)
             for impl, rate in _variants(args):
                 name, _, tiles = impl.partition("@")
                 attend, skip = IMPLS[name](b=b, n=n, h=h, d=d, dropout_rate=rate,
@@ -123,23 +152,35 @@ def dense_rows(args, ceil) -> list[dict]:
                 if skip:
                     rows.append(row | {"impl": impl, "skipped": skip})
                     continue
-                row |= measure(impl, attend, inputs, flops=flops, bytes_fwd=4 * elem,
-                               bytes_bwd=8 * elem, ceil=ceil, repeats=args.repeats)
+                row |= measure(impl, attend, inputs, work=work, ceil=ceil, repeats=args.repeats)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
 
 
+SPARSE_BLOCK, SPARSE_GLOBAL_TILES, SPARSE_HEAD_DIM = 128, 2, 64
+
+
+def sparse_mask(n: int, window: int):
+    """The block-sparse pattern of the sparse table: a ``window``-token sliding window and the
+    first 2 tiles global, in 128-token tiles."""
+    return masks.union(masks.sliding_window(n, window, SPARSE_BLOCK),
+                       masks.global_tokens(n, SPARSE_GLOBAL_TILES, SPARSE_BLOCK))
+
+
+def sparse_shape(args) -> tuple[int, int, int, int]:
+    """(n, d, batch, heads) of the block-sparse rows."""
+    return args.sparse_len, SPARSE_HEAD_DIM, 1, max(1, args.width // SPARSE_HEAD_DIM)
+
+
 def sparse_rows(args, ceil) -> list[dict]:
     """Block-sparse pallas against density (sliding windows of growing width, 2 global tiles)."""
-    n, d, block = args.sparse_len, 64, 128
-    b, h = 1, max(1, args.width // d)
+    n, d, b, h = sparse_shape(args)
     inputs = make_inputs(b, n, h, d, seed=5)
-    elem = b * n * h * d * 2
     rows = []
     for window in args.windows:
-        bm = masks.union(masks.sliding_window(n, window, block), masks.global_tokens(n, 2, block))
-        flops = 4.0 * b * h * n * n * d * bm.density
+        bm = sparse_mask(n, window)
+        work = work_and_bytes(b, n, h, d, bm.density)
         variants = [(t, 0.0) for t in [None, *args.sparse_tiles]]
         variants += [(None, args.dropout_rate)] if args.dropout_rate > 0.0 else []
         for tiles, rate in variants:
@@ -149,11 +190,37 @@ def sparse_rows(args, ceil) -> list[dict]:
                    "density": bm.density}
             name = "pallas-sparse" + (f"@{tiles}" if tiles else "")
             row |= measure(name + (f"+dropout{rate:g}" if rate else ""), attend, inputs,
-                           flops=flops, bytes_fwd=4 * elem, bytes_bwd=8 * elem, ceil=ceil,
-                           repeats=args.repeats)
+                           work=work, ceil=ceil, repeats=args.repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def add_torch_peers(args, ceil, report: dict) -> None:
+    """Runs the PyTorch peer rows (kernels/bench_torch.py) in a child process and puts each
+    after the JAX rows of its shape (dense) or window (block-sparse); ``report["torch"]`` says
+    which PyTorch ran them, or why none did."""
+    shapes = [(n, d, max(1, args.tokens // n), max(1, args.width // d))
+              for n in args.seq_lens for d in args.head_dims]
+    peers = [p for p in DENSE_PEERS if p in args.impls]
+    sparse = SPARSE_PEER in args.impls and args.windows
+    rows, about, reason = run_peers(
+        shapes if peers else [], peers=peers, sparse_shape=sparse_shape(args) if sparse else None,
+        windows=args.windows, block=SPARSE_BLOCK, global_tiles=SPARSE_GLOBAL_TILES,
+        repeats=args.repeats, timeout=args.torch_timeout)
+    report["torch"] = {"about": about, "skipped": reason}
+    print(json.dumps({"torch": report["torch"]}), flush=True)
+    density = {r["window"]: r["density"] for r in report["sparse"]}
+    for measured in rows:
+        window = measured.get("window")
+        row = peer_row(measured, ceil, 1.0 if window is None else density.get(window, 1.0))
+        if window is not None:
+            row["density"] = density.get(window)
+        print(json.dumps(row), flush=True)
+        table = report["dense" if window is None else "sparse"]
+        same = [i for i, r in enumerate(table) if (r["n"], r["d"], r.get("window")) ==
+                (row["n"], row["d"], window)]
+        table.insert(same[-1] + 1 if same else len(table), row)
 
 
 def parse_args(argv):
@@ -161,7 +228,8 @@ def parse_args(argv):
                                 description=__doc__.split("\n")[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--impls", nargs="+", default=[*IMPLS, *PEERS], choices=[*IMPLS, *PEERS],
+                   help="rows to time; torch-* are PyTorch's (kernels/bench_torch.py)")
     p.add_argument("--pallas-tiles", nargs="*", default=[],
                    help="extra pallas rows: 'q,k,warps,stages[,max_steps]' for forward/kv "
                         "grads/q grads, '/'-separated (max_steps: split block-sparse rows "
@@ -176,6 +244,10 @@ def parse_args(argv):
     p.add_argument("--dropout-rate", type=float, default=0.0,
                    help="also time pallas and xla with this attention dropout (dense rows, "
                         "and default-tile block-sparse rows)")
+    p.add_argument("--no-torch", dest="torch", action="store_false",
+                   help="leave out the PyTorch peer rows (cuDNN attention, FlexAttention)")
+    p.add_argument("--torch-timeout", type=float, default=1800.0,
+                   help="seconds the PyTorch peer rows may take in all")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--name", default="bench_kernels", help="file stem of the outputs")
     return p.parse_args(argv)
@@ -198,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         "dense": dense_rows(args, ceil),
         "sparse": sparse_rows(args, ceil) if args.windows else [],
     }
+    if args.torch and any(p in args.impls for p in PEERS):
+        add_torch_peers(args, ceil, report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out / f"{args.name}.md")

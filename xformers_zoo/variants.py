@@ -7,7 +7,9 @@ dropout=..., rngs=...)`` (dropout: the attention dropout rate) and called as
 ``core(q, k, v, key_mask, deterministic=..., rngs=...)``. The shared
 multi-head layer owns the projections; the core owns whatever else it needs. Key masks are right
 padding: each sequence's real tokens come first (the pipelines pad at the end and the classifier
-prepends its CLS token), so cores may turn masks into lengths.
+prepends its CLS token), so cores may turn masks into lengths. For tasks without padding (image
+tasks) the mask is None for cores that declare ``accepts_no_mask`` (they may then skip masking,
+as cuDNN's plain call does) and all True for the others.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Capabilities:
       shared_qk: queries and keys share one projection (Reformer).
       uses_qk: the core reads q and k (False for Synthesizer's random attention).
       max_length: the longest sequence the variant accepts, if bounded.
+      accepts_no_mask: the core takes ``key_mask=None`` for inputs without padding and computes
+        without a mask then (``full``: cuDNN without sequence lengths).
     """
 
     key_padding_mask: bool = True
@@ -41,6 +45,7 @@ class Capabilities:
     shared_qk: bool = False
     uses_qk: bool = True
     max_length: int | None = None
+    accepts_no_mask: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

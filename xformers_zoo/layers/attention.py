@@ -16,6 +16,8 @@ class MultiHeadAttention(nnx.Module):
 
     Queries and keys share one projection when the variant declares ``shared_qk`` (Reformer);
     a variant that never reads q and k (``uses_qk=False``) gets no q/k projections at all.
+    ``key_mask`` None (inputs without padding) reaches only cores that declare
+    ``accepts_no_mask``; the others get an all-True mask.
     """
 
     def __init__(self, spec: VariantSpec, attention_config, *, emb_dim: int, qkv_dim: int,
@@ -23,6 +25,7 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.shared_qk = spec.capabilities.shared_qk
         self.uses_qk = spec.capabilities.uses_qk
+        self.accepts_no_mask = spec.capabilities.accepts_no_mask
 
         def dense(i, o):
             return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -34,8 +37,11 @@ class MultiHeadAttention(nnx.Module):
         self.core = spec.core(attention_config, num_heads=num_heads, head_dim=qkv_dim // num_heads,
                               max_length=max_length, dropout=dropout, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"], *,
+    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"] | None, *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l e"]:
+        if key_mask is None and not self.accepts_no_mask:
+            key_mask = jnp.ones(x.shape[:2], bool)
+
         def heads(t):
             return rearrange(t, "b l (h d) -> b l h d", h=self.num_heads)
 

@@ -45,7 +45,7 @@ class EncoderBlock(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.ff_chunks = ff_chunks
 
-    def attention_branch(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"], *,
+    def attention_branch(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"] | None, *,
                          deterministic: bool, rngs: nnx.Rngs | None) -> Float[Array, "b l e"]:
         """The attention residual branch, Dropout(Attention(LN(x)))."""
         h = self.attention(self.norm1(x), key_mask, deterministic=deterministic, rngs=rngs)
@@ -62,7 +62,7 @@ class EncoderBlock(nnx.Module):
             h = self.mlp(h, deterministic=deterministic, rngs=rngs)
         return self.dropout(h, deterministic=deterministic, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"], *,
+    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"] | None, *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l e"]:
         x = x + self.attention_branch(x, key_mask, deterministic=deterministic, rngs=rngs)
         return x + self.mlp_branch(x, deterministic=deterministic, rngs=rngs)
@@ -99,7 +99,7 @@ class Encoder(nnx.Module):
         self.remat = remat
         self.reversible = reversible
 
-    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"], *,
+    def __call__(self, x: Float[Array, "b l e"], key_mask: Bool[Array, "b l"] | None, *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l e"]:
         if self.reversible:
             keys = dropout_keys(rngs, len(self.blocks), deterministic=deterministic)

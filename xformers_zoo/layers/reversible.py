@@ -100,7 +100,7 @@ def reversible_apply(
     blocks: Sequence[nnx.Module],
     x1: Float[Array, "b l e"],
     x2: Float[Array, "b l e"],
-    key_mask: Bool[Array, "b l"],
+    key_mask: Bool[Array, "b l"] | None,
     *,
     keys: jax.Array | None,
     deterministic: bool,
