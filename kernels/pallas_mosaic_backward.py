@@ -255,8 +255,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
         # One iteration per step, the refill of the slot step j freed guarded by a condition:
         # the same waits and copies in the same order as a loop over the refills alone
-        # (range(stages, steps)), but measured 7-8% faster at D = 128 (16K keys: 4.80
-        # against 5.22 ms; D = 64 unchanged). ptxas allocates the whole
+        # (range(stages, steps)), but measured 7-8% faster at D = 128 (16K keys: 4.802
+        # against 5.216 ms; D = 64 unchanged). ptxas allocates the whole
         # kernel's registers differently with it: 80 bytes of spill stores against 100.
         @pl.loop(0, steps)
         def _(j):
