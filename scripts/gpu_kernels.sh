@@ -5,7 +5,8 @@
 #   time          the fused backward against cuDNN and the Triton kernels for SHAPES (N:D, space
 #                 separated; PLANS: plan names of scripts/time_mosaic_backward.py)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
-#   bench         xformers-zoo bench kernels (its JSON, Markdown and plot go to OUTDIR)
+#   bench         xformers-zoo bench kernels BENCH_ARGS (its JSON, Markdown and plot go to OUTDIR;
+#                 BENCH_LIMIT seconds, default 1500: the PyTorch peer rows compile FlexAttention)
 # Logs go to OUTDIR/r and are packed into OUTDIR/kernel_logs.tgz; summaries go to stdout.
 # Usage: SHAPES="16384:64 4096:128" bash scripts/gpu_kernels.sh OUTDIR STEP...
 set -uo pipefail
@@ -54,7 +55,7 @@ for step in "$@"; do
       grep -h -i "registers\|spill" "$logs"/ptxas.log "$logs"/ptxas/* 2>/dev/null \
         | sort | uniq -c | head -20 ;;
     bench)
-      run bench 480 xformers-zoo bench kernels --out "$out"
+      run bench "${BENCH_LIMIT:-1500}" xformers-zoo bench kernels --out "$out" ${BENCH_ARGS:-}
       tail -3 "$logs/bench.log"; ls "$out" ;;
     *) echo "unknown step $step" ;;
   esac

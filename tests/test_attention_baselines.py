@@ -199,7 +199,8 @@ def test_torch_peer_rows_land_beside_their_shape(monkeypatch):
 
     monkeypatch.setattr(bench_kernels, "run_peers", fake_run_peers)
     args = bench_kernels.parse_args(["--seq-lens", "1024", "2048", "--head-dims", "64",
-                                     "--windows", "512", "1024"])
+                                     "--windows", "512", "1024", "--torch-windows", "512",
+                                     "1024"])
     ceil = dict(matmul_tflops=100.0, copy_gbps=100.0)
     report = dict(
         dense=[dict(impl="cudnn", n=n, d=64, batch=16384 // n, heads=16) for n in (1024, 2048)],

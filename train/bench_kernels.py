@@ -203,10 +203,11 @@ def add_torch_peers(args, ceil, report: dict) -> None:
     shapes = [(n, d, max(1, args.tokens // n), max(1, args.width // d))
               for n in args.seq_lens for d in args.head_dims]
     peers = [p for p in DENSE_PEERS if p in args.impls]
-    sparse = SPARSE_PEER in args.impls and args.windows
+    windows = [w for w in args.torch_windows if w in args.windows]
+    sparse = SPARSE_PEER in args.impls and windows
     rows, about, reason = run_peers(
         shapes if peers else [], peers=peers, sparse_shape=sparse_shape(args) if sparse else None,
-        windows=args.windows, block=SPARSE_BLOCK, global_tiles=SPARSE_GLOBAL_TILES,
+        windows=windows, block=SPARSE_BLOCK, global_tiles=SPARSE_GLOBAL_TILES,
         repeats=args.repeats, timeout=args.torch_timeout)
     report["torch"] = {"about": about, "skipped": reason}
     print(json.dumps({"torch": report["torch"]}), flush=True)
@@ -246,6 +247,9 @@ def parse_args(argv):
                         "and default-tile block-sparse rows)")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="leave out the PyTorch peer rows (cuDNN attention, FlexAttention)")
+    p.add_argument("--torch-windows", type=int, nargs="*", default=[512],
+                   help="windows (of --windows) that get a torch-flex-sparse row: each one "
+                        "compiles FlexAttention anew")
     p.add_argument("--torch-timeout", type=float, default=1800.0,
                    help="seconds the PyTorch peer rows may take in all")
     p.add_argument("--out", type=Path, default=Path("results"))
