@@ -220,3 +220,21 @@ def test_torch_peer_rows_land_beside_their_shape(monkeypatch):
     assert sparse["fwd_tflops"] == pytest.approx(4 * 16 * 16384**2 * 64 * 512 / 16384 / 1e-4
                                                  / 1e12)
     assert report["torch"] == dict(about=dict(torch="2.11"), skipped=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,masked", [(1024, False), (1024, True), (1000, False)])
+def test_gpu_cudnn_forms_match_the_float64_reference(n, masked):
+    """Both cuDNN calls, forward and gradients, on the GPU."""
+    from test_pallas_attention import reference, rel_err
+
+    from xformers_zoo.kernels.cudnn import cudnn_attention
+
+    q, k, v, d_out = inputs(n) + inputs(n, seed=1)[:1]
+    key_mask = (jnp.arange(n)[None, :] < jnp.array([n, n // 3])[:, None]) if masked else None
+    attend = lambda q, k, v: cudnn_attention(q, k, v, key_mask=key_mask)
+    out, vjp = jax.vjp(attend, q, k, v)
+    want_out, want_grads = reference(q, k, v, d_out, key_mask=key_mask)
+    assert rel_err(out, want_out) < 2e-2
+    for name, got, want in zip("qkv", vjp(d_out), want_grads, strict=True):
+        assert rel_err(got, want) < 2e-2, f"d{name}"
