@@ -195,12 +195,13 @@ def run_peers(dense_shapes, *, peers=DENSE_PEERS, sparse_shape=None, windows=(),
         cmd += ["--sparse", ",".join(map(str, sparse_shape)), "--windows", *map(str, windows)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        rows, about, reason = _parse(done.stdout)
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            reason = f"the PyTorch child exited with status {done.returncode}: {tail}"
     except subprocess.TimeoutExpired as err:
-        return _parse(err.stdout or ""), None, f"the PyTorch rows ran past {timeout:.0f} s"
-    rows, about, reason = _parse(done.stdout)
-    if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        reason = f"the PyTorch child exited with status {done.returncode}: {tail}"
+        rows, about, _ = _parse(err.stdout or "")
+        reason = f"the PyTorch rows ran past {timeout:.0f} s (--torch-timeout)"
     if reason:
         log.warning("bench kernels: PyTorch peer rows %s: %s",
                     "cut short" if rows else "skipped", reason)

@@ -203,6 +203,8 @@ def add_torch_peers(args, ceil, report: dict) -> None:
     shapes = [(n, d, max(1, args.tokens // n), max(1, args.width // d))
               for n in args.seq_lens for d in args.head_dims]
     peers = [p for p in DENSE_PEERS if p in args.impls]
+    print("timing the PyTorch peer rows in a child process (FlexAttention compiles per shape; "
+          f"at most {args.torch_timeout:.0f} s)", flush=True)
     windows = [w for w in args.torch_windows if w in args.windows]
     sparse = SPARSE_PEER in args.impls and windows
     rows, about, reason = run_peers(
