@@ -239,6 +239,18 @@ def test_release_listops_layout(tmp_path):
         listops.official_file(str(tmp_path), "validation")
 
 
+def test_official_listops_keeps_the_size_limits(tmp_path):
+    folder = tmp_path / "manual" / "listops-1000"
+    folder.mkdir(parents=True)
+    for name in listops.OFFICIAL_FILES.values():
+        rows = "".join(f"{listops.to_official_string(('[MAX', [i, 9]))}\t9\n" for i in range(6))
+        (folder / name).write_text("Source\tTarget\n" + rows)
+    config = DataConfig(task="listops", source="official", manual_dir=str(tmp_path / "manual"),
+                        data_dir=str(tmp_path / "data"), train_size=3, val_size=2, test_size=4)
+    assert [len(data.data_source(config, s)) for s in ("train", "validation", "test")] == [3, 2, 4]
+    assert data.dataset_builder(config).builder_config.name.startswith("official_3_2_4_src")
+
+
 def test_builds_are_keyed_by_their_source_files(tmp_path):
     import dataclasses
 
