@@ -154,10 +154,12 @@ class RunCheckpoints:
 
     def _set_aside(self, manager: ocp.CheckpointManager, step: int) -> Path:
         destination = self.workdir / "corrupt" / f"{manager.directory.name}-{step}"
-        if destination.exists():
-            shutil.rmtree(destination)
-        destination.parent.mkdir(exist_ok=True)
-        shutil.move(str(manager.directory / str(step)), destination)
+        # One process moves the files; every process fails to read them alike and falls back.
+        if jax.process_index() == 0:
+            if destination.exists():
+                shutil.rmtree(destination)
+            destination.parent.mkdir(exist_ok=True)
+            shutil.move(str(manager.directory / str(step)), destination)
         manager.reload()
         return destination
 
