@@ -97,8 +97,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size {self.batch_size} must be divisible by "
                              f"train.grad_accum {self.grad_accum}")
-        _check_positive("train", self, ("lr", "adam_eps", "grad_clip", "eval_batches"))
-        _check_at_least_zero("train", self, ("warmup_steps", "weight_decay", "seed"))
+        _check_positive("train", self, ("adam_eps", "grad_clip", "eval_batches"))
+        # lr 0 is allowed: it keeps the weights (e.g. to score a warm start as it began).
+        _check_at_least_zero("train", self, ("lr", "warmup_steps", "weight_decay", "seed"))
         for name in ("adam_b1", "adam_b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")

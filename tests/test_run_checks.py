@@ -31,8 +31,8 @@ def tiny_config(data_dir, **overrides):
 
 
 @pytest.mark.parametrize("task,override,message", [
-    ("listops", {"train.lr": -1}, "train.lr must be positive, got -1"),
-    ("listops", {"train.lr": math.nan}, "train.lr must be positive"),
+    ("listops", {"train.lr": -1}, "train.lr must be 0 or more, got -1"),
+    ("listops", {"train.lr": math.nan}, "train.lr must be 0 or more"),
     ("listops", {"train.adam_eps": 0}, "train.adam_eps must be positive"),
     ("listops", {"train.grad_clip": 0}, "train.grad_clip must be positive"),
     ("listops", {"train.eval_batches": 0}, "train.eval_batches must be positive"),
@@ -58,7 +58,7 @@ def test_bad_value_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, 
     workdir = tmp_path / "run"
     code = cli.main(["train", "--preset", "tiny", "--workdir", str(workdir), "train.lr=-1"])
     err = capsys.readouterr().err
-    assert code == 2 and err.strip() == "error: train.lr must be positive, got -1.0"
+    assert code == 2 and err.strip() == "error: train.lr must be 0 or more, got -1.0"
     assert not workdir.exists()
 
 
