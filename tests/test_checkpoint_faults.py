@@ -18,6 +18,9 @@ TINY = {"model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32, "model.
         "model.num_heads": 2, "data.train_size": 256, "data.val_size": 48, "data.test_size": 40,
         "data.max_length": 48, "data.workers": 1, "train.batch_size": 16, "train.log_every": 5,
         "train.checkpoint_every": 10, "train.eval_every": 10, "train.steps": 40}
+# Every phase of a save with a new best ("latest:before" is "best:after" there).
+PHASES = ("best:before", "best:during", "best:after", "latest:during", "latest:after",
+          "prune:after")
 COMPARED = ("test_accuracy", "test_loss", "best_step", "best_val_accuracy", "steps")
 
 # Runs the trainer and exits with status 9 at the named phase of the save at the given step,
@@ -75,8 +78,10 @@ def _compare(result, expected):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase,step", [
-    ("best:before", 20), ("best:during", 20), ("best:after", 20), ("latest:during", 20),
-    ("latest:after", 20), ("prune:after", 20), ("latest:during", 30), ("prune:after", 40)])
+    # step 40 holds the run's last new best: a kill there must not leave an older one scored
+    *((phase, 40) for phase in PHASES),
+    # a best that a later one replaces, and a save without a new best
+    ("best:during", 20), ("latest:after", 20), ("latest:during", 30)])
 def test_kill_at_every_checkpoint_phase_then_resume(reference, tmp_path, phase, step):
     data_dir, expected, expected_steps = reference
     workdir = tmp_path / "run"

@@ -19,6 +19,7 @@ used.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -123,12 +124,15 @@ class RunCheckpoints:
         _phase(f"{kind}:after", step)
 
     def _item(self, manager: ocp.CheckpointManager, step: int, item: str, args) -> Any:
-        try:
-            with _unraisable_dropped():
+        with _unraisable_dropped():
+            try:
                 return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
-        except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            raise CheckpointError(f"{manager.directory / str(step) / item} is unreadable "
-                                  f"({_first_line(e)})") from None
+            except Exception as e:  # orbax and tensorstore raise many types for damaged files
+                reason = _first_line(e)
+            # The error (and with it the abandoned reads) is released here: collect them while
+            # their reports are dropped.
+            gc.collect()
+        raise CheckpointError(f"{manager.directory / str(step) / item} is unreadable ({reason})")
 
     def _meta(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         meta = self._item(manager, step, "meta", ocp.args.JsonRestore())
