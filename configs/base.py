@@ -7,7 +7,10 @@ Task bases (``configs/tasks.py``) fill these with the public LRA values; presets
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
+
+from xformers_zoo.tasks import TASKS
 
 Pooling = Literal["cls", "mean"]
 Positional = Literal["sinusoidal", "learned", "learned_2d", "none"]
@@ -94,6 +97,12 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size {self.batch_size} must be divisible by "
                              f"train.grad_accum {self.grad_accum}")
+        _check_positive("train", self, ("adam_eps", "grad_clip", "eval_batches"))
+        # lr 0 is allowed: it keeps the weights (e.g. to score a warm start as it began).
+        _check_at_least_zero("train", self, ("lr", "warmup_steps", "weight_decay", "seed"))
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +129,40 @@ class DataConfig:
     workers: int = 0
     loader_workers: int = 0
     level: Literal["baseline", "contour9", "contour14"] = "contour14"
+
+    def __post_init__(self):
+        for name in ("data_dir", "manual_dir"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"data.{name} must name a folder, got {value!r}")
+        _check_positive("data", self, ("train_size", "val_size", "test_size", "max_length"))
+        _check_at_least_zero("data", self, ("generation_seed", "workers", "loader_workers"))
+        task = TASKS.get(self.task)
+        if self.max_length is None:
+            return
+        if task.image_shape is not None and self.max_length != task.max_length:
+            raise ValueError(f"data.max_length of {self.task} must be {task.max_length} (its "
+                             f"{task.image_shape[0]}x{task.image_shape[1]} pixels) or None, got "
+                             f"{self.max_length}")
+        if self.max_length < task.min_length:
+            raise ValueError(f"data.max_length of {self.task} must be at least "
+                             f"{task.min_length}, got {self.max_length}")
+
+
+def _check_positive(section: str, config: Any, names: tuple[str, ...]) -> None:
+    """Raises naming the first of ``names`` that is set (not None) and not a positive number."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{section}.{name} must be positive, got {value}")
+
+
+def _check_at_least_zero(section: str, config: Any, names: tuple[str, ...]) -> None:
+    """Raises naming the first of ``names`` that is negative (or not finite)."""
+    for name in names:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{section}.{name} must be 0 or more, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)

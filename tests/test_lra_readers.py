@@ -2,6 +2,7 @@
 AAN pairs and the LRA release's Pathfinder folders (both layouts), built from tiny fixtures in
 each format; and their errors for missing, truncated or wrong input."""
 
+import io
 import logging
 import pickle
 import tarfile
@@ -55,7 +56,8 @@ def test_imdb_bytes_labels_and_splits(tmp_path):
     # size limits keep a leading subset of the fixed shuffle, with both classes
     limited = text_config(tmp_path, train_size=2)
     assert len(read_split(limited, "train")) == 2
-    assert data.dataset_builder(limited).builder_config.name == "official_len16_2_all_all_f2"
+    name = data.dataset_builder(limited).builder_config.name
+    assert name.startswith("official_len16_2_all_all_src") and name.endswith("_f2")
 
 
 def test_imdb_missing_and_truncated_archives(tmp_path):
@@ -107,6 +109,51 @@ def test_cifar_bad_batches(tmp_path):
         pass
     with pytest.raises(ValueError, match="lacks cifar-10-batches-py/data_batch_1"):
         image.read_cifar(tmp_path / image.ARCHIVE)
+
+
+class _RunsCode:
+    """Pickles as a call of os.system, as a crafted batch would."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_cifar_reader_refuses_pickles_that_would_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    crafted = pickle.dumps({b"data": _RunsCode(f"touch {marker}"), b"labels": [0]})
+    with pytest.raises(ValueError, match=r"b: not a readable CIFAR-10 batch .*refused "
+                                         r"(posix|os|nt)\.system"):
+        image.parse_batch(crafted, "b")
+    assert not marker.exists()
+    # through the archive reader as well, naming the batch file
+    (tmp_path / "manual").mkdir()
+    fixtures.write_cifar(tmp_path / "manual", np.random.default_rng(0), per_batch=2, n_test=2)
+    archive = tmp_path / "manual" / image.ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in (*image.TRAIN_BATCHES, image.TEST_BATCH):
+            info = tarfile.TarInfo(f"{image.FOLDER}/{name}")
+            info.size = len(crafted)
+            tar.addfile(info, io.BytesIO(crafted))
+    with pytest.raises(ValueError, match="data_batch_1: not a readable CIFAR-10 batch"):
+        image.read_cifar(archive)
+    assert not marker.exists()
+
+
+def test_cifar_reader_admits_python2_numpy_pickles():
+    import pathlib
+
+    # numpy's own test data: an array pickled by Python 2 (numpy.core.multiarray._reconstruct,
+    # byte strings), the form of the official batches.
+    path = pathlib.Path(np.__file__).parent / "_core" / "tests" / "data" / "astype_copy.pkl"
+    if not path.is_file():
+        pytest.skip("numpy's test data is not installed")
+    array = image.load_batch(path.read_bytes())
+    assert isinstance(array, np.ndarray) and array.size > 0
 
 
 # --- Retrieval ---------------------------------------------------------------------------------
@@ -192,14 +239,42 @@ def test_release_listops_layout(tmp_path):
         listops.official_file(str(tmp_path), "validation")
 
 
-def test_prepare_twice_reuses_the_built_data(tmp_path):
+def test_official_listops_keeps_the_size_limits(tmp_path):
+    folder = tmp_path / "manual" / "listops-1000"
+    folder.mkdir(parents=True)
+    for name in listops.OFFICIAL_FILES.values():
+        rows = "".join(f"{listops.to_official_string(('[MAX', [i, 9]))}\t9\n" for i in range(6))
+        (folder / name).write_text("Source\tTarget\n" + rows)
+    config = DataConfig(task="listops", source="official", manual_dir=str(tmp_path / "manual"),
+                        data_dir=str(tmp_path / "data"), train_size=3, val_size=2, test_size=4)
+    assert [len(data.data_source(config, s)) for s in ("train", "validation", "test")] == [3, 2, 4]
+    assert data.dataset_builder(config).builder_config.name.startswith("official_3_2_4_src")
+
+
+def test_builds_are_keyed_by_their_source_files(tmp_path):
+    import dataclasses
+
     (tmp_path / "manual").mkdir()
     archive = fixtures.write_imdb(tmp_path / "manual", REVIEWS)
     config = text_config(tmp_path)
     first = data.prepare(config)
-    archive.unlink()  # a rebuild would fail now
-    again = data.prepare(config)
-    assert again.data_dir == first.data_dir and len(read_split(config, "train")) == 4
+    assert data.prepare(config).data_dir == first.data_dir  # unchanged files: reused
+    # a truncated archive after a good build is read again (and refused), never the old build
+    payload = archive.read_bytes()
+    archive.write_bytes(payload[:len(payload) // 2])
+    with pytest.raises(ValueError, match=f"{archive} is truncated or corrupt"):
+        data.prepare(config)
+    archive.unlink()
+    with pytest.raises(FileNotFoundError, match=f"expected {archive}"):
+        data.prepare(config)
+    # another manual_dir with other reviews: another build, of those reviews
+    (tmp_path / "other").mkdir()
+    fixtures.write_imdb(tmp_path / "other", {"train": REVIEWS["train"][:2],
+                                              "test": REVIEWS["test"]})
+    moved = dataclasses.replace(config, manual_dir=str(tmp_path / "other"))
+    assert data.prepare(moved).data_dir != first.data_dir
+    assert len(read_split(moved, "train")) == 2
+    assert not list((tmp_path / "data").rglob("incomplete.*"))
 
 
 def test_archives_are_parsed_once_until_replaced(tmp_path):

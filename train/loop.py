@@ -24,6 +24,7 @@ from xformers_zoo import data
 from xformers_zoo.api import build_model, count_params
 from xformers_zoo.configs import ExperimentConfig, load_run_config
 from xformers_zoo.data.sources import effective_length
+from xformers_zoo.fs import check_writable_dir, write_text_atomic
 from xformers_zoo.train.checkpoint import RunCheckpoints
 from xformers_zoo.train.metrics import MetricsLog
 from xformers_zoo.train.optim import make_optimizer, make_schedule
@@ -60,13 +61,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
     """Saves the config in a new run directory, or checks it against the saved one."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not compare_run_config(config, workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(workdir / "config.json",
+                          json.dumps(cfglib.to_dict(config), indent=2) + "\n")
+
+
+def compare_run_config(config: ExperimentConfig, workdir: Path) -> bool:
+    """Whether ``workdir`` already holds a run of ``config`` (False: it holds no run); raises
+    ``RunDirectoryMismatchError`` if it holds a run of another config. Writes nothing."""
     path = workdir / "config.json"
-    given = cfglib.to_dict(config)
     if not path.exists():
-        path.write_text(json.dumps(given, indent=2) + "\n")
-        return
-    saved = _flatten(json.loads(path.read_text()))
+        return False
+    given = cfglib.to_dict(config)
+    try:
+        saved = _flatten(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise RunDirectoryMismatchError(f"{path} is not valid JSON ({e}); use a new --workdir "
+                                        "or remove the file") from None
     new = _flatten(json.loads(json.dumps(given)))
     resumable = set(RESUMABLE_FIELDS)
     if saved.get("train.schedule") == "cosine":
@@ -78,6 +90,7 @@ def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
         raise RunDirectoryMismatchError(
             f"{workdir} holds a run of a different config ({'; '.join(diff)}); use a new "
             f"--workdir, or only change {', '.join(sorted(resumable))} to resume")
+    return True
 
 
 def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
@@ -134,23 +147,25 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint of the same config,
     else starting from the weights of run ``train.init_from`` when set) and returns the final
     metrics, also written to ``workdir/final.json``."""
-    workdir = Path(workdir)
+    # Everything that can be found wrong is checked before the run claims its directory (writes
+    # config.json), so that the corrected command is not refused as a different config.
+    workdir = check_writable_dir(workdir, "the run directory (--workdir)")
     tc = config.train
+    compare_run_config(config, workdir)
     setup = _Setup(config)
     state = setup.state
     checkpoints = RunCheckpoints(workdir)
     try:
         if tc.init_from is not None and checkpoints.latest_step() is None:
-            # Before the run claims its directory and builds its data: a source run that does
-            # not fit fails in seconds and leaves the directory to the corrected command.
+            # A source run that does not fit fails in seconds, before the data is built.
             state = warm_start(state, setup.graphdef, tc.init_from, setup.mesh)
+        data.prepare(config.data)
         check_run_dir(config, workdir)
+        restored = checkpoints.restore_latest(state, repair=True)
     except BaseException:
         checkpoints.close()
         raise
     best = {"accuracy": -1.0, "step": None}
-    restored = checkpoints.restore_latest(state)
-    data.prepare(config.data)
     iterator = iter(data.train_dataset(config.data, setup.local_batch, seed=tc.seed))
     if restored is not None:
         state, data_state, meta = restored
@@ -174,10 +189,11 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         pending.clear()
         bad = [m for m in fetched if not m["finite"]]
         if bad:
+            kept = ("There is no checkpoint yet." if last_good is None else
+                    f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}.")
             raise TrainingDivergedError(
                 f"loss became {float(bad[0]['loss'])} (grad norm {float(bad[0]['grad_norm'])}) "
-                f"by step {step}; stopped. The last good checkpoint is step {last_good} in "
-                f"{workdir / 'checkpoints'}. Lower train.lr or set train.grad_clip.")
+                f"by step {step}; stopped. {kept} Lower train.lr or set train.grad_clip.")
         elapsed = time.perf_counter() - window_start
         window_start = time.perf_counter()
         if compiled:  # this process's first window holds compilation
@@ -213,7 +229,7 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
                     best = {"accuracy": val["accuracy"], "step": step}
                 window_start = time.perf_counter()
             if is_save:
-                checkpoints.save(state, iterator.get_state(), {"best": best},
+                checkpoints.save(state, iterator.get_state(), best,
                                  best=is_eval and improved)
                 last_good = step
                 window_start = time.perf_counter()
@@ -222,14 +238,14 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         bar.close()
         metrics_log.close()
         checkpoints.close()
-    (workdir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(workdir / "final.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: ExperimentConfig,
             metrics_log: MetricsLog, best: dict, rates: list[float]) -> dict[str, Any]:
-    restored = checkpoints.restore_best(state)
-    scored = restored[0] if restored is not None else state
+    # Exactly the step the run recorded as best; a missing or damaged one raises, naming it.
+    scored = checkpoints.restore_best(state, best["step"])[0]
     test = evaluate(setup.eval_step, scored, config, "test", setup.mesh)
     metrics_log.write("test", int(state.step), **test, checkpoint_step=int(scored.step))
     return {

@@ -17,8 +17,8 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl``; on resume, records after the restored step are
-    dropped so that the file reads as one uninterrupted run."""
+    """Appends records to ``metrics.jsonl``; on resume, records after the restored step (and
+    test records) are dropped so that the file reads as one uninterrupted run."""
 
     def __init__(self, path: str | Path, resume_step: int | None):
         self.path = Path(path)
@@ -30,7 +30,8 @@ class MetricsLog:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
-                    if record.get("step", 0) <= resume_step:
+                    # A test record comes from a run killed before it wrote final.json.
+                    if record.get("step", 0) <= resume_step and record.get("split") != "test":
                         keep.append(line)
             self.path.write_text("".join(f"{line}\n" for line in keep))
         self._file = self.path.open("a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,23 @@ COLUMNS = [
     ("steps/s", "steps_per_sec", "{:.2f}"), ("peak GiB", "peak_memory_bytes", "{:.2f}"),
     ("params M", "params", "{:.3f}"), ("device", "device_kind", "{}"),
 ]
+log = logging.getLogger("xformers_zoo.train")
 _SCALE = {"test_accuracy": 100, "majority_rate": 100, "best_val_accuracy": 100,
           "peak_memory_bytes": 2.0**-30, "params": 1e-6}
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """``final.json`` records from files or run directories."""
+    """``final.json`` records from files or run directories; one that is not valid JSON (cut
+    short while being copied, say) is skipped with a warning naming it."""
     out = []
     for path in map(Path, paths):
         path = path / "final.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no final.json at {path}")
-        out.append(json.loads(path.read_text()))
+        try:
+            out.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            log.warning("skipping %s: not valid JSON (%s); is it complete?", path, e)
     return out
 
 

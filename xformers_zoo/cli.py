@@ -20,6 +20,8 @@ DELEGATED = {
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
     ("data", "show"): "xformers_zoo.data.show",
 }
+OVERRIDES_HELP = ("Overrides section.field=value (e.g. data.train_size=1000 train.lr=0.01) may "
+                  "stand anywhere after the subcommand.")
 
 
 def _quiet_libraries() -> None:
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="build a task's data set (reused once built)")
     prep.add_argument("task")
     prep.add_argument("--preset", action="append", default=[], help="e.g. tiny")
-    prep.add_argument("overrides", nargs="*", help="data.train_size=1000 data.data_dir=...")
+    _takes_overrides(prep)
     prep.set_defaults(func=cmd_data_prepare)
     data_sub.add_parser("show", help="write a PNG grid of samples (see --help)", add_help=False)
 
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", default=[], help="tiny, lra (repeatable)")
     p.add_argument("--workdir", help="run directory (default runs/<task>-<model>[-preset])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.lr=0.01")
+    _takes_overrides(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a run's checkpoint on a split")
@@ -161,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _takes_overrides(parser: argparse.ArgumentParser) -> None:
+    """Marks a subcommand as taking config overrides: ``parse_args`` collects them from any
+    position (an argparse positional would only take them before or after all options)."""
+    parser.set_defaults(takes_overrides=True)
+    usage = parser.format_usage().removeprefix("usage: ").rstrip()
+    parser.usage = f"{usage} [section.field=value ...]"
+    parser.epilog = OVERRIDES_HELP
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses a command line; the words ``section.field=value`` of a subcommand that takes
+    overrides become ``args.overrides``, wherever they stand."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    wrong = [w for w in extra if w.startswith("-") or "=" not in w]
+    if wrong or (extra and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(wrong or extra)}")
+    args.overrides = extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xformers-zoo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -170,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = argv[argv.index(words[1]) + 1:]
         _quiet_libraries()
         return module.main(rest)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
@@ -178,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, UnknownNameError, FileNotFoundError, TrainingDivergedError) as e:
-        # Bad input and divergence get one clear line; --verbose shows the traceback.
+    except (ValueError, UnknownNameError, OSError, TrainingDivergedError) as e:
+        # Bad input, file-system errors (they name their path) and divergence get one clear
+        # line; --verbose shows the traceback.
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

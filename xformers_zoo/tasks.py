@@ -21,6 +21,7 @@ class TaskSpec:
       image_shape: (height, width) for image tasks, flattened row by row.
       has_padding: sequences are padded (id 0 = pad); image tasks have no padding since pixel
         value 0 is a real token.
+      min_length: the shortest ``data.max_length`` the task's data can be made at.
       description: one line for listings.
     """
 
@@ -32,13 +33,14 @@ class TaskSpec:
     image_shape: tuple[int, int] | None = None
     has_padding: bool = True
     description: str = ""
+    min_length: int = 1
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
 
 # Vocabulary and sizes follow the LRA paper (Tay et al. 2020); see shared LRA facts.
 TASKS.register("listops", TaskSpec(
-    name="listops", max_length=2000, vocab_size=16, num_classes=10,
+    name="listops", max_length=2000, vocab_size=16, num_classes=10, min_length=8,
     description="nested MIN/MAX/MED/SM expressions, 10-way (Nangia & Bowman 2018)"))
 TASKS.register("text", TaskSpec(
     name="text", max_length=1000, vocab_size=257, num_classes=2,

@@ -1,12 +1,20 @@
 """One TFDS dataset builder for every task, writing ``array_record`` files that are read back
-with ``tfds.data_source`` (random access, no TensorFlow needed to build or read)."""
+with ``tfds.data_source`` (random access, no TensorFlow needed to build or read).
+
+A data set's name holds what it was built from (the source's settings and a fingerprint of the
+files it read), so a changed file gives a new build and a missing one an error, never the old
+data. Builds of one name take turns under a file lock, so the holder may remove the
+``incomplete.*`` folders that a killed build left.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import importlib.util
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +22,9 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xformers_zoo.configs.base import DataConfig
-from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource
+from xformers_zoo.data import manual
+from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length
+from xformers_zoo.fs import check_writable_dir
 from xformers_zoo.tasks import TASKS
 
 log = logging.getLogger("xformers_zoo.data")
@@ -30,15 +40,17 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
     SOURCE: DataSource
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, data_config: DataConfig, **kwargs):
+    def __init__(self, *, data_config: DataConfig, name: str | None = None, **kwargs):
         self._data_config = data_config
-        name = f"{self.SOURCE.build_name(data_config)}_f{STORAGE_FORMAT}"
+        name = name or build_name(self.SOURCE, data_config)
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
     def __reduce__(self):
         # Loader worker processes receive the data source, and with it this builder; the class
-        # is made at run time, so pickle the recipe rather than the class.
-        return (_rebuild, (self.SOURCE.task, self._data_config, self._original_state["data_dir"]))
+        # is made at run time, so pickle the recipe rather than the class (and the name, so
+        # that workers read this build without fingerprinting the files again).
+        return (_rebuild, (self.SOURCE.task, self._data_config, self._original_state["data_dir"],
+                           self.builder_config.name))
 
     def _info(self) -> tfds.core.DatasetInfo:
         task = TASKS.get(self.SOURCE.task)
@@ -58,7 +70,25 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split):
-        return self.SOURCE.examples(split, self._data_config)
+        length = effective_length(self._data_config)
+        for key, example in self.SOURCE.examples(split, self._data_config):
+            for field in ("inputs", "inputs2"):
+                if field in example and len(example[field]) > length:
+                    raise ValueError(
+                        f"{self.SOURCE.task} {split} example {key} has {len(example[field])} "
+                        f"tokens, more than data.max_length={length}; raise data.max_length "
+                        f"(the task's LRA length is {TASKS.get(self.SOURCE.task).max_length})")
+            yield key, example
+
+
+def build_name(source: DataSource, config: DataConfig) -> str:
+    """The name of the data set ``source`` builds for ``config``: its settings, a fingerprint
+    of the files it reads (if any) and the storage format."""
+    name = source.build_name(config)
+    found = source.inputs(config) if source.inputs is not None else None
+    if found is not None:
+        name += f"_src{manual.fingerprint(*found)}"
+    return f"{name}_f{STORAGE_FORMAT}"
 
 
 @functools.cache
@@ -72,8 +102,9 @@ def _builder_class(task: str) -> type[_TaskBuilder]:
     })
 
 
-def _rebuild(task: str, data_config: DataConfig, data_dir: str) -> _TaskBuilder:
-    return _builder_class(task)(data_config=data_config, data_dir=data_dir,
+def _rebuild(task: str, data_config: DataConfig, data_dir: str,
+             name: str | None = None) -> _TaskBuilder:
+    return _builder_class(task)(data_config=data_config, data_dir=data_dir, name=name,
                                 file_format="array_record")
 
 
@@ -103,10 +134,29 @@ def shuffle_in_memory() -> Iterator[None]:
         tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
 
 
+@contextlib.contextmanager
+def build_lock(builder: _TaskBuilder) -> Iterator[None]:
+    """Holds the lock of ``builder``'s data set while it is built, and removes the
+    ``incomplete.*`` folders of earlier builds (their builder is gone: it held the lock)."""
+    folder = Path(builder.data_dir).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".build.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        for stale in folder.glob("incomplete.*"):
+            log.warning("removing %s, left by a build that was stopped", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
 def prepare(config: DataConfig) -> _TaskBuilder:
     """Builds the data set once (reused afterwards) and returns its builder."""
     builder = dataset_builder(config)
-    if not builder.is_prepared():
+    if builder.is_prepared():
+        return builder
+    check_writable_dir(config.data_dir, "data.data_dir")
+    with build_lock(builder):
+        if builder.is_prepared():  # another process built it while this one waited
+            return builder
         log.info("preparing %s/%s in %s", config.task, builder.builder_config.name,
                  builder.data_dir)
         scope = builder.SOURCE.build_scope

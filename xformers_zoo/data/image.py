@@ -3,12 +3,14 @@ token (no normalisation), 32 x 32 = 1024 tokens row by row; 45K train, the last 
 training batches as validation, the 10K test batch as test.
 
 Read from the official ``cifar-10-python.tar.gz`` (or its unpacked ``cifar-10-batches-py/``
-folder) in ``data.manual_dir``. The batches are Python pickles, as CIFAR-10 ships them: only
-unpack archives from the official source.
+folder) in ``data.manual_dir``. The batches are Python pickles, as CIFAR-10 ships them; they are
+read with an unpickler that admits only what the official batches hold, so a crafted file is
+refused rather than run.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +37,39 @@ def greyscale(rgb: UInt8[np.ndarray, "n 3072"]) -> UInt8[np.ndarray, "n 32 32"]:
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
+# The only globals a CIFAR-10 batch refers to: numpy array reconstruction (numpy.core before
+# numpy 2, numpy._core after). Dicts, lists, bytes, strings and ints are pickle opcodes.
+ALLOWED_GLOBALS = frozenset({("numpy.core.multiarray", "_reconstruct"),
+                             ("numpy._core.multiarray", "_reconstruct"),
+                             ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch, refusing any global outside ``ALLOWED_GLOBALS`` (a pickle
+    can otherwise call any function, e.g. ``os.system``, while it loads)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: a CIFAR-10 batch holds only dicts, lists, bytes, "
+                "strings, ints and numpy arrays")
+        if module == "numpy.core.multiarray" and hasattr(np, "_core"):
+            module = "numpy._core.multiarray"  # numpy 2 warns on the old name
+        return super().find_class(module, name)
+
+
+def load_batch(raw: bytes):
+    """The object in one pickled batch (Python 2 strings read as bytes, as they were written),
+    through ``BatchUnpickler``."""
+    return BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
 def parse_batch(raw: bytes, where: str) -> tuple[UInt8[np.ndarray, "n 32 32"],
                                                  Int[np.ndarray, " n"]]:
     """Greyscale images and labels of one pickled CIFAR-10 batch; raises naming ``where`` for
     anything that is not one (wrong image size, labels out of range, missing keys)."""
     try:
-        batch = pickle.loads(raw, encoding="bytes")
+        batch = load_batch(raw)
     except Exception as e:  # a damaged pickle raises many types
         raise ValueError(f"{where}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})"
                          ) from None
@@ -93,13 +122,25 @@ def read_cifar(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             "test": parse_batch(raw[TEST_BATCH], f"{path}:{TEST_BATCH}")}
 
 
+def _official_path(config: DataConfig) -> tuple[Path, Path]:
+    root = manual.manual_dir(config, f"the CIFAR-10 archive {ARCHIVE}")
+    return root, manual.find(root, [ARCHIVE, FOLDER])
+
+
+def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """The official archive (or every file of the unpacked folder) a build reads."""
+    if config.source != "official":
+        return None
+    root, path = _official_path(config)
+    return root, manual.files_under(path)
+
+
 def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     """Flattened greyscale images of ``split``, at most ``data.<split>_size`` of them."""
     if config.source != "official":
         raise ValueError("image reads the official CIFAR-10 archive: set data.source=official "
                          f"and put {ARCHIVE} in data.manual_dir")
-    root = manual.manual_dir(config, f"the CIFAR-10 archive {ARCHIVE}")
-    images, labels = read_cifar(manual.find(root, [ARCHIVE, FOLDER]))[split]
+    images, labels = read_cifar(_official_path(config)[1])[split]
     keep = manual.limit(list(range(len(labels))), manual.split_limit(config, split),
                         f"CIFAR-10 {split}")
     for i in keep:
@@ -112,5 +153,5 @@ def build_name(config: DataConfig) -> str:
 
 
 SOURCES.register("image", DataSource(
-    task="image", examples=examples, build_name=build_name, version="1.0.0",
+    task="image", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
     description="greyscale CIFAR-10 from the official python archive"))

@@ -20,7 +20,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, DataSource, effective_length, split_sizes
+from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length, split_sizes
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 CLOSE = "]"
@@ -203,7 +203,8 @@ def _generated_splits(seed: int, sizes: tuple[int, int, int], max_length: int, w
 def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     """ListOps examples of ``split``: generated, or read from the official TSV files."""
     if config.source == "official":
-        rows = read_tsv(official_file(config.manual_dir, split))
+        rows = manual.limit(list(read_tsv(official_file(config.manual_dir, split))),
+                            manual.split_limit(config, split), f"official ListOps {split}")
     else:
         sizes = split_sizes(config, LRA_SIZES)
         rows = _generated_splits(config.generation_seed, tuple(sizes.values()),
@@ -213,14 +214,23 @@ def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
 
 
 def build_name(config: DataConfig) -> str:
-    """Names what determines the content: the generator's seed, sizes and length bound."""
+    """Names what determines the content: the generator's seed, sizes and length bound, or the
+    size limits of the official files."""
     if config.source == "official":
-        return "official"
+        return f"official_{manual.limits_name(config)}"
     sizes = split_sizes(config, LRA_SIZES)
     return (f"generated_len{effective_length(config)}_seed{config.generation_seed}_"
             f"{sizes['train']}_{sizes['validation']}_{sizes['test']}")
 
 
+def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """The official TSV files a build reads (None when generating)."""
+    if config.source != "official":
+        return None
+    files = [official_file(config.manual_dir, s) for s in SPLITS]
+    return Path(config.manual_dir), files
+
+
 SOURCES.register("listops", DataSource(
-    task="listops", examples=examples, build_name=build_name, version="1.0.0",
+    task="listops", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
     description="ListOps expressions (generated or the official LRA TSV files)"))

@@ -19,6 +19,7 @@ from jaxtyping import UInt8
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
+from xformers_zoo.tasks import TASKS
 
 LEVEL_DIRS = {"baseline": "curv_baseline", "contour9": "curv_contour_length_9",
               "contour14": "curv_contour_length_14"}
@@ -36,14 +37,31 @@ def _batch_number(path: Path) -> tuple[int, str]:
     return (int(path.stem), path.stem) if path.stem.isdigit() else (1 << 62, path.stem)
 
 
-def read_metadata(folder: Path) -> list[tuple[Path, int, str]]:
-    """(image path, label, "file:line") for every line of ``folder/metadata/*.npy``."""
+def metadata_files(folder: Path) -> list[Path]:
+    """``folder/metadata/*.npy`` by batch number; raises naming the folder if there are none."""
     files = sorted((folder / "metadata").glob("*.npy"), key=_batch_number)
     if not files:
         raise FileNotFoundError(f"missing metadata: expected text files "
                                 f"{folder / 'metadata'}/<batch>.npy")
+    return files
+
+
+def release_inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """What a build from the release reads, for its fingerprint: the metadata files and the
+    image batch folders (whose times change when images are added, removed or renamed; an image
+    rewritten in place under its name is not seen, which spares a stat of every image)."""
+    if config.source != "official":
+        return None
+    side = TASKS.get(config.task).image_shape[0]
+    folder = pathfinder_folder(config, side)
+    batches = sorted(p for p in (folder / "imgs").glob("*") if p.is_dir())
+    return Path(config.manual_dir).expanduser(), [*metadata_files(folder), *batches]
+
+
+def read_metadata(folder: Path) -> list[tuple[Path, int, str]]:
+    """(image path, label, "file:line") for every line of ``folder/metadata/*.npy``."""
     rows = []
-    for file in files:
+    for file in metadata_files(folder):
         for line_no, line in enumerate(file.read_text().splitlines(), start=1):
             fields = line.split()
             if not fields:

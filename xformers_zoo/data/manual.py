@@ -1,11 +1,13 @@
 """Shared pieces of the readers of files a user places in ``data.manual_dir``: locating them
-(with an error naming the exact file expected), archive errors, byte tokens, size limits and the
-count of skipped records."""
+(with an error naming the exact file expected), their fingerprint, archive errors, byte tokens,
+size limits and the count of skipped records."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +55,28 @@ def find(root: Path, names: Sequence[str], *, release: bool = False) -> Path:
                       f"{root / 'lra_release' / 'lra_release'}/ (the LRA release's layouts)")
     also = f" (also accepted: {'; '.join(others)})" if others else ""
     raise FileNotFoundError(f"missing {names[0]}: expected {root / names[0]}{also}")
+
+
+def files_under(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else every file below it (in a stable order)."""
+    if path.is_file():
+        return [path]
+    out = []
+    for folder, _, names in os.walk(path):
+        out += [Path(folder) / name for name in names]
+    return sorted(out)
+
+
+def fingerprint(root: Path, files: Sequence[Path]) -> str:
+    """12 hex digits of SHA-256 over each file's path relative to ``root``, size and
+    modification time: what a build read, so that a replaced, grown or truncated file gives
+    another build (an identical copy made with its times kept gives the same)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        name = path.relative_to(root) if path.is_relative_to(root) else path
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 @contextmanager

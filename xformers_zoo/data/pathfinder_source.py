@@ -118,6 +118,6 @@ def build_name(config: DataConfig) -> str:
 for _task, _size in SIZES.items():
     SOURCES.register(_task, DataSource(
         task=_task, examples=examples, build_name=build_name, version=GENERATOR_VERSION,
-        build_scope=build_pool,
+        build_scope=build_pool, inputs=lra_release.release_inputs,
         description=f"Pathfinder {_size}x{_size} (generated, or the LRA release's "
                     f"pathfinder{_size}/)"))

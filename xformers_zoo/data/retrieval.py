@@ -15,7 +15,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, DataSource, effective_length
+from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length
 
 FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
          "test": "new_aan_pairs.test.tsv"}
@@ -75,6 +75,14 @@ def build_name(config: DataConfig) -> str:
     return f"official_len{effective_length(config)}_{manual.limits_name(config)}"
 
 
+def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """The release TSV files a build reads."""
+    if config.source != "official":
+        return None
+    files = [pairs_file(config, s) for s in SPLITS]
+    return Path(config.manual_dir).expanduser(), files
+
+
 SOURCES.register("retrieval", DataSource(
-    task="retrieval", examples=examples, build_name=build_name, version="1.0.0",
+    task="retrieval", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
     description="AAN paper pairs from the LRA release's tsv_data/"))

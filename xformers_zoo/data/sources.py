@@ -2,15 +2,17 @@
 
 A source yields ``(key, example)`` pairs per split; an example is
 ``{"inputs": int array [length], "label": int}`` plus ``"inputs2"`` for two-sequence tasks.
-``build_name`` says which settings change the content, so that each distinct data set is built
-once under its own name and reused afterwards.
+``build_name`` says which settings change the content, and ``inputs`` which files it is read
+from, so that each distinct data set is built once under its own name (with a fingerprint of
+those files) and reused afterwards, and a changed file is read anew.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,9 @@ class DataSource:
       description: one line for listings.
       build_scope: optional ``config -> context manager`` held open around a whole build (all
         splits), for what the splits share, such as a pool of worker processes.
+      inputs: optional ``config -> (root, files)``: the folder given by the user and the files
+        under it that a build reads (None when the config generates its data). Locating them
+        raises naming any that is missing.
     """
 
     task: str
@@ -43,6 +48,7 @@ class DataSource:
     version: str = "1.0.0"
     description: str = ""
     build_scope: Callable[[DataConfig], AbstractContextManager] | None = None
+    inputs: Callable[[DataConfig], tuple[Path, Sequence[Path]] | None] | None = None
 
     @property
     def token_dtype(self) -> np.dtype:

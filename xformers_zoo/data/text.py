@@ -67,9 +67,13 @@ def read_imdb(path: str | Path) -> dict[str, list[Review]]:
     return out
 
 
-def _official(config: DataConfig, split: str) -> list[Review]:
+def _official_path(config: DataConfig) -> tuple[Path, Path]:
     root = manual.manual_dir(config, f"the IMDb archive {ARCHIVE}")
-    return read_imdb(manual.find(root, [ARCHIVE, FOLDER]))[PARTS[split]]
+    return root, manual.find(root, [ARCHIVE, FOLDER])
+
+
+def _official(config: DataConfig, split: str) -> list[Review]:
+    return read_imdb(_official_path(config)[1])[PARTS[split]]
 
 
 def _tfds(config: DataConfig, split: str) -> list[Review]:
@@ -105,6 +109,15 @@ def build_name(config: DataConfig) -> str:
     return f"{config.source}_len{effective_length(config)}_{manual.limits_name(config)}"
 
 
+def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """The official archive (or every file of the unpacked folder); None for TFDS, which keeps
+    its own versions."""
+    if config.source != "official":
+        return None
+    root, path = _official_path(config)
+    return root, manual.files_under(path)
+
+
 SOURCES.register("text", DataSource(
-    task="text", examples=examples, build_name=build_name, version="1.0.0",
+    task="text", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
     description="byte-level IMDb reviews (official aclImdb_v1.tar.gz or TFDS imdb_reviews)"))
