@@ -20,6 +20,8 @@ DELEGATED = {
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
     ("data", "show"): "xformers_zoo.data.show",
 }
+# Whole commands implemented in their own module with a ``main(argv) -> int``.
+DELEGATED_COMMANDS = {"sweep": "xformers_zoo.train.sweep"}
 
 
 def _quiet_libraries() -> None:
@@ -154,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or their final.json files")
     p.set_defaults(func=cmd_table)
 
+    sub.add_parser("sweep", help="train tasks x variants x seeds (see sweep --help)",
+                   add_help=False)
+
     p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     for name in ("kernels", "data", "memory", "loader"):
@@ -170,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = argv[argv.index(words[1]) + 1:]
         _quiet_libraries()
         return module.main(rest)
+    if words and words[0] in DELEGATED_COMMANDS and argv[0] == words[0]:
+        module = importlib.import_module(DELEGATED_COMMANDS[words[0]])
+        _quiet_libraries()
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
