@@ -68,15 +68,17 @@ def job_env(gpu: str | None, per_gpu: int) -> dict[str, str]:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines of a log file."""
+    """The last ``lines`` lines of a log file, led by its last ``error:`` line when that is
+    further up (shutdown noise of other threads may follow the command's own message)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16_384))
-            text = f.read().decode(errors="replace")
+            f.seek(max(0, f.tell() - 65_536))
+            text = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    errors = [line for line in text[:-lines] if line.startswith("error: ")]
+    return "\n".join(errors[-1:] + text[-lines:])
 
 
 def _say(text: str) -> None:
