@@ -50,3 +50,19 @@ class MetricsLog:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_metrics_lenient(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` that may be in use or cut short by a kill: a missing
+    file reads as none, a line that is not complete JSON is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

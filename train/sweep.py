@@ -122,6 +122,25 @@ def prepare_jobs(cells: list[tuple[Cell, object]], sweep_dir: Path) -> dict[obje
     return jobs
 
 
+def write_manifest(sweep_dir: Path, command: str, cells: list[Cell]) -> None:
+    """Adds the cells and the command to ``sweep.json`` (a sweep directory may gather the cells
+    of several commands; the table lists every cell named there)."""
+    path = sweep_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {"commands": [], "cells": []}
+    known = {c["name"]: c for c in manifest.get("cells", [])}
+    for c in cells:
+        known[c.name] = {"name": c.name, "task": c.task, "variant": c.variant, "seed": c.seed,
+                         "command": c.train_command()[1:]}
+    manifest = {"commands": [*manifest.get("commands", []), {
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}],
+        "cells": list(known.values())}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs (or, with --dry-run, estimates) the sweep; 0 when every cell has finished."""
     try:
@@ -156,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run([c for c, _ in todo], sweep_dir, gpus, args.parallel, args.probe_steps,
                        args.probe_seconds)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / MANIFEST).write_text(json.dumps({
-        "command": "xformers-zoo sweep " + " ".join(argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cells": [{"name": c.name, "task": c.task, "variant": c.variant, "seed": c.seed,
-                   "command": c.train_command()[1:]} for c in cells]}, indent=2) + "\n")
+    write_manifest(sweep_dir, "xformers-zoo sweep " + " ".join(argv), cells)
     prepared = prepare_jobs(todo, sweep_dir)
     run_jobs(list(prepared.values()), [], 1)  # one at a time: each build uses every core
     jobs, describers = [], {}

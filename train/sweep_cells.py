@@ -18,6 +18,7 @@ from xformers_zoo.config import ConfigError, parse_assignments
 from xformers_zoo.configs import ExperimentConfig, resolve_config
 from xformers_zoo.configs.tasks import TASK_CONFIGS
 from xformers_zoo.tasks import TASKS
+from xformers_zoo.train.metrics import read_metrics_lenient
 from xformers_zoo.variants import VARIANTS
 
 FINAL_KEYS = ("test_accuracy", "steps", "best_val_accuracy")
@@ -118,17 +119,8 @@ def task_needs_manual_data(task: str) -> bool:
 def latest_progress(workdir: Path) -> dict[str, Any]:
     """The last train step, its steps/s and the latest validation accuracy recorded in a run's
     ``metrics.jsonl`` (empty when there is none yet; a line cut short is skipped)."""
-    path = workdir / "metrics.jsonl"
     out: dict[str, Any] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in read_metrics_lenient(workdir / "metrics.jsonl"):
         if record.get("split") == "train":
             out["step"] = record.get("step")
             out["steps_per_sec"] = record.get("steps_per_sec")

@@ -110,8 +110,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_table(args) -> int:
-    """Prints a Markdown table of finished runs."""
+    """Prints a Markdown table of finished runs, or the LRA table of a sweep directory."""
+    from xformers_zoo.train.lra_table import is_sweep_dir, table_command
     from xformers_zoo.train.tables import load_results, markdown_table
+
+    if is_sweep_dir(args.runs):
+        return table_command(args)
 
     print(markdown_table(load_results(args.runs)))
     return 0
@@ -153,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("table", help="Markdown table of finished runs")
-    p.add_argument("runs", nargs="+", help="run directories or their final.json files")
+    p.add_argument("runs", nargs="+", help="run directories or their final.json files, or one "
+                   "sweep directory for the LRA table (variants x tasks, seeds, published)")
+    p.add_argument("--out", help="sweep table: also write OUT.md, OUT.csv and OUT.json")
+    p.add_argument("--curves", help="sweep table: write learning curves per task to this folder")
+    p.add_argument("--speed", help="sweep table: bench speed JSON, for --chart")
+    p.add_argument("--chart", help="sweep table: write the LRA chart (accuracy, speed, memory)")
+    p.add_argument("--chart-length", type=int, default=4096, help="sequence length of --chart")
     p.set_defaults(func=cmd_table)
 
     sub.add_parser("sweep", help="train tasks x variants x seeds (see sweep --help)",
