@@ -68,13 +68,14 @@ def lra_chart(table: dict[str, Any], speed: dict[str, Any], length: int, out: Pa
     points = speed_points(speed, length)
     fig, ax = plt.subplots(figsize=(7, 5))
     plotted = 0
+    memory = {v: r.get("peak_bytes") or r.get("compiled_bytes") or 0 for v, r in points.items()}
+    largest = max(memory.values(), default=0) or 1
     for row in table["rows"]:
         rate = points.get(row["variant"])
         if rate is None or row["average"]["mean"] is None:
             continue
-        memory = rate.get("peak_bytes") or rate.get("compiled_bytes") or 0
-        ax.scatter(rate["steps_per_sec"], row["average"]["mean"], s=40 + 400 * memory / 2**30,
-                   alpha=0.6)
+        ax.scatter(rate["steps_per_sec"], row["average"]["mean"],
+                   s=30 + 1500 * memory[row["variant"]] / largest, alpha=0.5)
         ax.annotate(row["variant"], (rate["steps_per_sec"], row["average"]["mean"]),
                     fontsize=8, xytext=(4, 4), textcoords="offset points")
         plotted += 1
@@ -87,7 +88,9 @@ def lra_chart(table: dict[str, Any], speed: dict[str, Any], length: int, out: Pa
                   f"length {length})",
            ylabel=f"average test accuracy % ({', '.join(tasks)})",
            title=f"LRA: accuracy, speed and memory ({speed.get('device', '')})")
-    ax.text(0.01, 0.01, "marker area ~ peak memory", transform=ax.transAxes, fontsize=8)
+    ax.margins(0.2)
+    ax.text(0.01, 0.01, f"marker area ~ peak memory (largest {largest / 2**30:.2f} GiB)",
+            transform=ax.transAxes, fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

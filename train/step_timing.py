@@ -39,14 +39,7 @@ def synthetic_batch(config: ExperimentConfig, batch_size: int, seed: int = 0
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether a JAX runtime error reports device memory exhausted."""
     text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def peak_device_bytes() -> int | None:
-    """Peak bytes in use on the first local device since the process started; None where the
-    backend keeps no memory statistics (CPU)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 def time_training_steps(config: ExperimentConfig, steps: int, warmup: int = 2,
@@ -60,7 +53,7 @@ def time_training_steps(config: ExperimentConfig, steps: int, warmup: int = 2,
     Returns steps_per_sec, seconds_per_eval_batch (if timed), compile_s, peak_bytes (device
     statistics, None on CPU), compiled_bytes (XLA's memory analysis of the step: arguments,
     outputs and temporaries; available on every backend), params and the device."""
-    from xformers_zoo.train.loop import _Setup
+    from xformers_zoo.train.loop import _peak_memory, _Setup
     from xformers_zoo.train.sharding import shard_batch
 
     start = time.perf_counter()
@@ -85,12 +78,13 @@ def time_training_steps(config: ExperimentConfig, steps: int, warmup: int = 2,
     jax.block_until_ready((state, metrics))
     result = {"steps_per_sec": count / (time.perf_counter() - start), "timed_steps": count,
               "compile_s": compile_s, "params": setup.num_params,
-              "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+              "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "jax_version": jax.__version__}
     if eval_batches:
         jax.block_until_ready(setup.eval_step(state, batch))  # compiles
         start = time.perf_counter()
         jax.block_until_ready([setup.eval_step(state, batch) for _ in range(eval_batches)])
         result["seconds_per_eval_batch"] = (time.perf_counter() - start) / eval_batches
-    result["peak_bytes"] = peak_device_bytes()
+    result["peak_bytes"] = _peak_memory()  # None where the backend keeps no statistics (CPU)
     result["compiled_bytes"] = compiled_bytes
     return result

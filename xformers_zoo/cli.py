@@ -18,6 +18,7 @@ DELEGATED = {
     ("bench", "data"): "xformers_zoo.train.bench_data",
     ("bench", "memory"): "xformers_zoo.train.bench_memory",
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
+    ("bench", "speed"): "xformers_zoo.train.bench_speed",
     ("data", "show"): "xformers_zoo.data.show",
 }
 # Whole commands implemented in their own module with a ``main(argv) -> int``.
@@ -169,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="train tasks x variants x seeds (see sweep --help)",
                    add_help=False)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader")
+    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader | speed")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    for name in ("kernels", "data", "memory", "loader"):
+    for name in ("kernels", "data", "memory", "loader", "speed"):
         bench_sub.add_parser(name, add_help=False)
     return parser
 
