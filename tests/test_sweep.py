@@ -144,3 +144,14 @@ def test_dry_run_lists_cells_and_estimates_time(tmp_path, data_dir):
         assert int(steps_left) == 40 and float(rate) > 0
     assert "2 cells:" in result.stdout and "at --parallel 2" in result.stdout
     assert not (tmp_path / "listops-full-seed0").exists()  # nothing trained
+
+
+def test_time_limit_stops_before_starting(tmp_path, data_dir, capsys):
+    from xformers_zoo.train.sweep import main
+
+    code = main(["--tasks", "listops", "--models", "full", "--preset", "tiny", "--dir",
+                 str(tmp_path), "--stop-after", "0", f"data.data_dir={data_dir}"])
+    out = capsys.readouterr().out
+    assert code == 3, out
+    assert "listops-full-seed0                       stopped: time limit reached" in out
+    assert not (tmp_path / "listops-full-seed0").exists()

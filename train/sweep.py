@@ -8,7 +8,10 @@ with its output in ``train.log`` there. Rerunning the command skips finished cel
 ``final.json`` for the configured steps) and resumes the others from their checkpoints.
 ``--parallel K`` runs K cells at once on each GPU (each with 0.9/K of its memory); several GPUs
 share the cells round-robin. A failed cell is reported with its exit code and the end of its
-log; the others go on, and the exit status is 1 unless every cell finished. Text, Retrieval and
+log; the others go on, and the exit status is 1 unless every cell finished. ``--stop-after S``
+stops the running cells after S seconds (for machines lent by the hour; they resume from their
+last checkpoint on the next run of the command, so keep ``train.checkpoint_every`` short) with
+exit status 3 when nothing failed. Text, Retrieval and
 Image cells without ``data.manual_dir`` are reported, not run. ``--dry-run`` prints the cells and
 the time the sweep would take, from a short timed probe of each cell.
 
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dry run: timed seconds per cell at the least")
     p.add_argument("--status-every", type=float, default=60.0,
                    help="seconds between progress lines")
+    p.add_argument("--stop-after", type=float,
+                   help="seconds: then stop the running cells (they resume on the next run of "
+                        "the command) and start no more; exit status 3")
     p.add_argument("overrides", nargs="*", help="[task:|variant:]section.field=value")
     return p
 
@@ -176,11 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run([c for c, _ in todo], sweep_dir, gpus, args.parallel, args.probe_steps,
                        args.probe_seconds)
     write_manifest(sweep_dir, "xformers-zoo sweep " + " ".join(argv), cells)
+    deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
     prepared = prepare_jobs(todo, sweep_dir)
-    run_jobs(list(prepared.values()), [], 1)  # one at a time: each build uses every core
+    # one at a time: each build uses every core
+    run_jobs(list(prepared.values()), [], 1, deadline=deadline)
     jobs, describers = [], {}
     for cell, config in todo:
         prep = prepared[config.data]
+        if prep.returncode is None:
+            status[cell.name] = "stopped: time limit reached while preparing its data"
+            continue
         if prep.returncode != 0:
             status[cell.name] = f"failed: data prepare exit code {prep.returncode} ({prep.log})"
             continue
@@ -190,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{'GPU over GPUs ' + ','.join(gpus) if gpus else 'CPU'}", flush=True)
     for job in run_jobs(jobs, gpus, args.parallel,
                         describe=lambda job: describers[job.name](job),
-                        status_every=args.status_every):
+                        status_every=args.status_every, deadline=deadline):
         status[job.name] = ("finished" if job.returncode == 0 else
+                            "stopped: time limit reached (rerun to resume)"
+                            if job.returncode is None else
                             f"failed: exit code {job.returncode} (log {job.log})")
-    return summarize(cells, status)
+    code = summarize(cells, status)
+    outcomes = [s.split(":")[0] for s in status.values()]
+    return 3 if code and "stopped" in outcomes and "failed" not in outcomes else code
 
 
 def summarize(cells: list[Cell], status: dict[str, str]) -> int:

@@ -30,7 +30,7 @@ class Job:
     command: list[str]
     log: Path
     env: dict[str, str] = dataclasses.field(default_factory=dict)
-    returncode: int | None = None
+    returncode: int | None = None  # None: not run to its end (stopped at the deadline)
     seconds: float = 0.0
     gpu: str | None = None
 
@@ -85,13 +85,29 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _stop(running: dict) -> None:
+    """Terminates running jobs (a training run keeps its last checkpoint and resumes later)."""
+    for _, proc, _, _ in running.values():
+        proc.terminate()
+    for job, proc, _, log in running.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        print(f"stopped {job.name} (it resumes from its last checkpoint)", file=sys.stderr)
+    running.clear()
+
+
 def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], per_gpu: int,
              describe: Callable[[Job], str] | None = None, status_every: float = 60.0,
-             poll: float = 0.5, on_finish: Callable[[Job], None] | None = None) -> list[Job]:
+             poll: float = 0.5, deadline: float | None = None) -> list[Job]:
     """Runs ``jobs`` with ``per_gpu`` at once on each of ``gpus`` (``per_gpu`` at once on the
     CPU when there are none), printing a line when each starts and ends and, every
-    ``status_every`` seconds, ``describe(job)`` for each running job. Returns the jobs with
-    their return codes; an interrupt stops the running jobs (they keep their checkpoints)."""
+    ``status_every`` seconds, ``describe(job)`` for each running job. At ``deadline``
+    (``time.monotonic()``) running jobs are stopped and no more start; an interrupt stops them
+    too. Returns the jobs with their return codes (None for those stopped or not started)."""
     slots = [g for g in gpus for _ in range(per_gpu)] if gpus else [None] * per_gpu
     free = collections.deque(slots)
     waiting = collections.deque(jobs)
@@ -99,6 +115,11 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], per_gpu: int,
     last_status = time.monotonic()
     try:
         while waiting or running:
+            if deadline is not None and time.monotonic() >= deadline:
+                _say(f"time limit reached: stopping {len(running)} running, "
+                     f"{len(waiting)} not started")
+                _stop(running)
+                break
             while waiting and free:
                 job = waiting.popleft()
                 job.gpu = free.popleft()
@@ -128,23 +149,12 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], per_gpu: int,
                     _say(f"FAILED {name}: exit code {job.returncode} after "
                          f"{job.seconds / 60:.1f} min; last lines of {job.log}:\n"
                          + "\n".join(f"    {line}" for line in log_tail(job.log).splitlines()))
-                if on_finish is not None:
-                    on_finish(job)
             if describe and running and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
                 for job, _, started, _ in running.values():
                     _say(f"  {job.name}: {describe(job)} "
                          f"[{(time.monotonic() - started) / 60:.1f} min]")
     except BaseException:
-        for _, proc, _, _ in running.values():
-            proc.terminate()
-        for job, proc, _, log in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-            print(f"stopped {job.name} (it resumes from its last checkpoint)", file=sys.stderr)
+        _stop(running)
         raise
     return list(jobs)
