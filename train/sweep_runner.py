@@ -10,9 +10,12 @@ counted without initialising JAX here (``nvidia-smi -L``), so the parent holds n
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,6 +68,13 @@ def job_env(gpu: str | None, per_gpu: int) -> dict[str, str]:
         if per_gpu > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_SHARE / per_gpu:.3f}"
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the runner dies, even by SIGKILL, so an
+    orphaned run never trains on beside the same cell started again."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such guard
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -130,7 +140,7 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], per_gpu: int,
                 log.flush()
                 env = {**os.environ, **job.env, **job_env(job.gpu, per_gpu)}
                 proc = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
-                                        env=env)
+                                        env=env, preexec_fn=_die_with_parent)
                 running[job.name] = (job, proc, time.monotonic(), log)
                 where = "cpu" if job.gpu is None else f"gpu {job.gpu}"
                 _say(f"start {job.name} on {where} (log {job.log})")
