@@ -97,8 +97,10 @@ def test_failing_cell_is_isolated_and_finished_cells_are_skipped(tmp_path, data_
     assert "listops-full-seed0                       finished" in again.stdout
     assert "start listops-full-seed0" not in again.stdout
     assert (tmp_path / "listops-full-seed0" / "train.log").read_text() == log
-    manifest = json.loads((tmp_path / "sweep.json").read_text())
-    assert [c["name"] for c in manifest["cells"]] == ["listops-full-seed0"]
+    manifest = json.loads((tmp_path / "sweep.json").read_text())  # cells of both commands
+    assert [c["name"] for c in manifest["cells"]] == ["listops-full-seed0",
+                                                       "listops-performer-seed0"]
+    assert len(manifest["commands"]) == 2
 
 
 def _checkpoint_steps(workdir):

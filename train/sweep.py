@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                             if job.returncode is None else
                             f"failed: exit code {job.returncode} (log {job.log})")
     code = summarize(cells, status)
-    outcomes = [s.split(":")[0] for s in status.values()]
-    return 3 if code and "stopped" in outcomes and "failed" not in outcomes else code
+    outcomes = {s.split(":")[0] for s in status.values()}
+    return 3 if code and "stopped" in outcomes and not outcomes & {"failed", "config error"} \
+        else code
 
 
 def summarize(cells: list[Cell], status: dict[str, str]) -> int:
