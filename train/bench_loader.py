@@ -43,6 +43,7 @@ from xformers_zoo.train.bench_data import (
     pipeline_config,
     write_results,
 )
+from xformers_zoo.train.step_timing import is_out_of_memory
 
 DEFAULT_TASKS = ("image", "pathfinder32", "pathfinder64", "pathx", "listops")
 
@@ -74,11 +75,6 @@ def attention_path(config) -> str:
         dropout_rate=config.model.attention_dropout, key_mask_is_prefix=True)
     impl, skipped = choose_implementation(call, choices)
     return impl.name + "".join(f" ({name} skipped: {reason})" for name, reason in skipped)
-
-
-def _out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 def run_steps(train_step, state, batches, seconds: float, min_steps: int, depth: int = 2):
@@ -115,7 +111,7 @@ def compiled_setup(config, batch: dict[str, np.ndarray]):
             return setup, state, device_batch, config
         except Exception as error:  # jax raises its runtime errors under several classes
             accum = 2 * config.train.grad_accum
-            if not _out_of_memory(error) or config.train.batch_size % accum:
+            if not is_out_of_memory(error) or config.train.batch_size % accum:
                 raise
             print(f"{config.data.task}: out of memory at grad_accum "
                   f"{config.train.grad_accum}; retrying with {accum}", flush=True)

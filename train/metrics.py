@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from xformers_zoo.train.tensorboard import open_event_writer
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic | np.ndarray):
@@ -35,6 +37,8 @@ class MetricsLog:
                         keep.append(line)
             self.path.write_text("".join(f"{line}\n" for line in keep))
         self._file = self.path.open("a")
+        # TensorBoard events beside the file when tensorboardX is installed (train/tensorboard.py)
+        self._events = open_event_writer(self.path.parent, resume_step)
 
     def write(self, split: str, step: int, **values: Any) -> None:
         """Appends one record and flushes it."""
@@ -42,12 +46,32 @@ class MetricsLog:
         record.update({k: _plain(v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._events is not None:
+            self._events.write(split, int(step), record)
 
     def close(self) -> None:
-        """Closes the file."""
+        """Closes the file (and the event file)."""
         self._file.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_metrics_lenient(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` that may be in use or cut short by a kill: a missing
+    file reads as none, a line that is not complete JSON is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -18,10 +18,13 @@ DELEGATED = {
     ("bench", "data"): "xformers_zoo.train.bench_data",
     ("bench", "memory"): "xformers_zoo.train.bench_memory",
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
+    ("bench", "speed"): "xformers_zoo.train.bench_speed",
     ("data", "show"): "xformers_zoo.data.show",
 }
 OVERRIDES_HELP = ("Overrides section.field=value (e.g. data.train_size=1000 train.lr=0.01) may "
                   "stand anywhere after the subcommand.")
+# Whole commands implemented in their own module with a ``main(argv) -> int``.
+DELEGATED_COMMANDS = {"sweep": "xformers_zoo.train.sweep"}
 
 
 def _quiet_libraries() -> None:
@@ -110,8 +113,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_table(args) -> int:
-    """Prints a Markdown table of finished runs."""
+    """Prints a Markdown table of finished runs, or the LRA table of a sweep directory."""
+    from xformers_zoo.train.lra_table import is_sweep_dir, table_command
     from xformers_zoo.train.tables import load_results, markdown_table
+
+    if is_sweep_dir(args.runs):
+        return table_command(args)
 
     print(markdown_table(load_results(args.runs)))
     return 0
@@ -153,12 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("table", help="Markdown table of finished runs")
-    p.add_argument("runs", nargs="+", help="run directories or their final.json files")
+    p.add_argument("runs", nargs="+", help="run directories or their final.json files, or one "
+                   "sweep directory for the LRA table (variants x tasks, seeds, published)")
+    p.add_argument("--out", help="sweep table: also write OUT.md, OUT.csv and OUT.json")
+    p.add_argument("--curves", help="sweep table: write learning curves per task to this folder")
+    p.add_argument("--speed", help="sweep table: bench speed JSON, for --chart")
+    p.add_argument("--chart", help="sweep table: write the LRA chart (accuracy, speed, memory)")
+    p.add_argument("--chart-length", type=int, default=4096, help="sequence length of --chart")
     p.set_defaults(func=cmd_table)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader")
+    sub.add_parser("sweep", help="train tasks x variants x seeds (see sweep --help)",
+                   add_help=False)
+
+    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader | speed")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    for name in ("kernels", "data", "memory", "loader"):
+    for name in ("kernels", "data", "memory", "loader", "speed"):
         bench_sub.add_parser(name, add_help=False)
     return parser
 
@@ -193,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = argv[argv.index(words[1]) + 1:]
         _quiet_libraries()
         return module.main(rest)
+    if words and words[0] in DELEGATED_COMMANDS and argv[0] == words[0]:
+        module = importlib.import_module(DELEGATED_COMMANDS[words[0]])
+        _quiet_libraries()
+        return module.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
