@@ -19,6 +19,7 @@ DELEGATED = {
     ("bench", "memory"): "xformers_zoo.train.bench_memory",
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
     ("data", "show"): "xformers_zoo.data.show",
+    ("data", "stats"): "xformers_zoo.data.stats",
 }
 
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="only this task (default: every registered task)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("data", help="prepare or show a task's data")
+    p = sub.add_parser("data", help="prepare, show or measure a task's data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="build a task's data set (reused once built)")
     prep.add_argument("task")
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*", help="data.train_size=1000 data.data_dir=...")
     prep.set_defaults(func=cmd_data_prepare)
     data_sub.add_parser("show", help="write a PNG grid of samples (see --help)", add_help=False)
+    data_sub.add_parser("stats", help="image statistics of generated Pathfinder data (see --help)",
+                        add_help=False)
 
     p = sub.add_parser("train", help="train a variant on a task")
     p.add_argument("--task", default="listops")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from jaxtyping import Float, Int, UInt8
+from jaxtyping import Int, UInt8
 
 from xformers_zoo.data import pathfinder_draw as draw
-from xformers_zoo.data.pathfinder_grow import grow
+from xformers_zoo.data.pathfinder_grow import Scene, grow
 
 LEVELS = {"baseline": 6, "contour9": 9, "contour14": 14}
 
@@ -89,43 +89,24 @@ RESOLUTIONS = {
 
 @dataclasses.dataclass
 class Sample:
-    """One drawn image with the geometry it was drawn from ((row, col) pixels).
+    """One drawn image with the contours it was drawn from ((row, col) pixels).
 
     Attributes:
       image: the image, 0..255.
       label: 1 if both markers lie on one contour, else 0.
-      markers: the two marker centres.
-      paddles: each paddle's start pixel and direction (radians; rows grow with sin).
-      contour: the contour of each paddle (0 and 1 are the targets, the rest distractors).
-      contrast: each paddle's contrast.
-      margin: the image's paddle margin.
+      markers: the two marker centres (the origin, then the terminal one).
+      scene: the contours (``pathfinder_grow.Scene``).
     """
 
     image: UInt8[np.ndarray, "s s"]
     label: int
     markers: Int[np.ndarray, "2 2"]
-    paddles: Float[np.ndarray, "p 3"]
-    contour: Int[np.ndarray, " p"]
-    contrast: Float[np.ndarray, " p"]
-    margin: int
+    scene: Scene
 
     @property
     def num_distractors(self) -> int:
         """Distractor contours drawn."""
-        return int(self.contour.max()) - 1
-
-
-def render_ink(sample: Sample, p: PathfinderParams, contours=None) -> Float[np.ndarray, "s s"]:
-    """The paddles of ``contours`` (default: all) at their contrasts, before markers and the
-    final rescale."""
-    canvas = np.zeros((p.size, p.size))
-    for (row, col, angle), c, contrast in zip(sample.paddles, sample.contour, sample.contrast,
-                                              strict=True):
-        if contours is None or c in contours:
-            ink, _ = draw.paddle_sprite(p.paddle_length, p.paddle_thickness, sample.margin,
-                                        p.antialias, float(angle))
-            draw.paste_max(canvas, ink, (int(row), int(col)), contrast / 255.0)
-    return canvas
+        return len(self.scene.contrasts) - 2
 
 
 def draw_sample(rng: np.random.Generator, p: PathfinderParams) -> Sample:
@@ -133,18 +114,11 @@ def draw_sample(rng: np.random.Generator, p: PathfinderParams) -> Sample:
     label = int(rng.integers(2))
     scene = grow(p, rng)
     marked = int(rng.integers(2))
-    targets = scene.contours[:2]
-    markers = np.array([targets[marked].origin, targets[marked if label else 1 - marked].tip])
-    rows = [(*point, angle, i, c.contrast) for i, c in enumerate(scene.contours)
-            for point, angle in c.paddles]
-    table = np.array(rows)
-    sample = Sample(np.zeros((p.size, p.size), np.uint8), label, markers, table[:, :3],
-                    table[:, 3].astype(np.int64), table[:, 4], scene.margin)
-    canvas = render_ink(sample, p)
-    for centre in markers:
-        draw.draw_marker(canvas, (int(centre[0]), int(centre[1])), p.marker_radius, p.antialias)
-    sample.image = draw.to_uint8(canvas)
-    return sample
+    markers = np.stack([scene.origins[marked], scene.tips[marked if label else 1 - marked]])
+    canvas = scene.render()
+    for row, col in markers:
+        draw.draw_marker(canvas, (int(row), int(col)), p.marker_radius, p.antialias)
+    return Sample(draw.to_uint8(canvas), label, markers, scene)
 
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}

@@ -20,6 +20,8 @@ import numpy as np
 from jaxtyping import Bool, Float, UInt8
 from PIL import Image, ImageDraw
 
+from xformers_zoo.data.pathfinder_kernels import translate
+
 # Lanczos-3 reaches 3 source pixels per output pixel, 6 blown-up pixels at scale 2; marker
 # windows keep this many output pixels of empty margin so cropping never changes a value.
 MARKER_WINDOW_MARGIN = 8
@@ -30,18 +32,6 @@ def disc(radius: float) -> Bool[np.ndarray, "k k"]:
     r = int(radius)
     y, x = np.ogrid[-r:r + 1, -r:r + 1]
     return x * x + y * y <= radius * radius
-
-
-def translate(point: tuple[int, int], angle: float, distance: float) -> tuple[int, int]:
-    """``point`` (row, col) moved ``distance`` along ``angle`` (radians; rows grow with sin),
-    rounded up to whole pixels as the original does."""
-    return (math.ceil(point[0] + distance * math.sin(angle)),
-            math.ceil(point[1] + distance * math.cos(angle)))
-
-
-def flip(angle: float) -> float:
-    """``angle`` turned by pi, kept in [-pi, pi)."""
-    return angle + math.pi if angle < 0 else angle - math.pi
 
 
 def _shrink(blown: UInt8[np.ndarray, "hb wb"], shape: tuple[int, int]
@@ -55,7 +45,7 @@ def sprite_half(length: int, thickness: float, margin: int) -> int:
     return length + math.ceil(thickness) + margin
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=1024)
 def paddle_sprite(length: int, thickness: float, margin: int, antialias: int, angle: float
                   ) -> tuple[UInt8[np.ndarray, "k k"], UInt8[np.ndarray, "k k"]]:
     """A paddle starting at the centre pixel and running ``length`` px along ``angle``: its ink
@@ -70,7 +60,7 @@ def paddle_sprite(length: int, thickness: float, margin: int, antialias: int, an
     if width != thickness * antialias:
         raise ValueError(f"paddle thickness {thickness} times antialias {antialias} must be a "
                          "whole number of pixels")
-    head = translate((centre, centre), angle, length * antialias)
+    head = translate(centre, centre, angle, length * antialias)
     canvas = Image.new("L", (side, side), 0)
     ImageDraw.Draw(canvas).line([(centre, centre), (head[1], head[0])], fill=255, width=width)
     line = np.asarray(canvas)
@@ -114,46 +104,6 @@ def seed_reaches_everywhere(length: int, thickness: float, margin: int, antialia
     for dy, dx in offsets:
         reached[max(-dy, 0):size - max(dy, 0), max(-dx, 0):size - max(dx, 0)] = True
     return bool(reached.all())
-
-
-def free_starts(occupied: Bool[np.ndarray, "h w"], offsets: np.ndarray
-                ) -> Bool[np.ndarray, "h w"]:
-    """Pixels p with no occupied pixel at p + offset for any offset (outside counts as free)."""
-    h, w = occupied.shape
-    blocked = np.zeros_like(occupied)
-    for dy, dx in offsets:
-        # blocked[p] |= occupied[p + (dy, dx)] where both lie in the image.
-        blocked[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] |= \
-            occupied[max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)]
-    return ~blocked
-
-
-def _boxes(shape: tuple[int, int], centre: tuple[int, int], half: int):
-    """Slices of the canvas and of a ``[2h+1, 2h+1]`` sprite centred on ``centre``, clipped
-    to the canvas (None if nothing overlaps)."""
-    (h, w), (r, c) = shape, centre
-    r0, r1, c0, c1 = max(r - half, 0), min(r + half + 1, h), max(c - half, 0), min(c + half + 1, w)
-    if r0 >= r1 or c0 >= c1:
-        return None
-    return ((slice(r0, r1), slice(c0, c1)),
-            (slice(r0 - r + half, r1 - r + half), slice(c0 - c + half, c1 - c + half)))
-
-
-def window(canvas: np.ndarray, sprite: np.ndarray, centre: tuple[int, int]):
-    """The canvas window under ``sprite`` centred on ``centre`` and the matching part of the
-    sprite, as two views (None if the sprite lies off the canvas)."""
-    boxes = _boxes(canvas.shape, centre, sprite.shape[0] // 2)
-    if boxes is None:
-        return None
-    return canvas[boxes[0]], sprite[boxes[1]]
-
-
-def paste_max(canvas: Float[np.ndarray, "h w"], sprite: np.ndarray, centre: tuple[int, int],
-              scale: float = 1.0 / 255) -> None:
-    """Brightest wins: ``canvas = max(canvas, sprite * scale)`` under the sprite, in place."""
-    views = window(canvas, sprite, centre)
-    if views is not None:
-        np.maximum(views[0], views[1] * scale, out=views[0])
 
 
 def draw_marker(canvas: Float[np.ndarray, "h w"], centre: tuple[int, int], radius: float,

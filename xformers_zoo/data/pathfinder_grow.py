@@ -10,9 +10,11 @@ mask on top of the occupancy mask would exceed 1.8; the mask of a contour's late
 the occupancy mask only once the next paddle is placed, so a contour never blocks itself.
 
 Two target contours start ``seed_distance`` px apart, the first one at least twice that from the
-borders, and grow in turn; if either gets stuck the whole pair starts again. Distractor contours
-(a third as long) follow, each tried a few times and skipped if it does not fit: an image keeps
-as many as fitted.
+borders, and grow in turn; if either gets stuck the whole pair starts again (at 64 px and up
+most attempts end against a border, so an image takes hundreds). Distractor contours (a third
+as long) follow, each tried a few times and skipped if it does not fit: an image keeps as many
+as fitted. The loops run compiled (``pathfinder_kernels``); this module builds their sprite
+tables and reads back the result.
 """
 
 from __future__ import annotations
@@ -23,18 +25,16 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int, UInt8
 
 from xformers_zoo.data import pathfinder_draw as draw
+from xformers_zoo.data import pathfinder_kernels as kernels
 
 if TYPE_CHECKING:
     from xformers_zoo.data.pathfinder import PathfinderParams
 
-Point = tuple[int, int]
-ACCEPT_LIMIT = 1.8  # a paddle's mask plus the occupancy mask stays below this
-OCCUPIED = 0.3  # occupancy above this is taken when choosing a contour's seed
-MIN_FREE_SHARE = 0.01  # no distractor is seeded once less of the image is free
-MIN_WEIGHT = 1e-4  # total candidate weight under which a contour is stuck
+MAX_ATTEMPTS = 1_000_000  # target attempts before the settings are declared hopeless
+SEED_DEGREES = np.arange(-180, 180)  # seed directions, sprite ids 0..359
 
 
 class GrowthError(RuntimeError):
@@ -42,193 +42,120 @@ class GrowthError(RuntimeError):
     room."""
 
 
-@dataclasses.dataclass
-class Contour:
-    """One contour: its paddles as (start pixel, direction), all drawn at ``contrast``."""
+@dataclasses.dataclass(frozen=True)
+class SpriteTables:
+    """Every paddle one image can draw, by sprite id (seeds, then growth candidates)."""
 
-    contrast: float
-    origin: Point  # the free end of the seed paddle
-    paddles: list[tuple[Point, float]]
-    pivot: Point
-    angle: float  # direction of growth at the tip
-    tip: Point  # the free end of the latest paddle
-    pending: tuple[Point, float]  # the latest paddle, whose mask is not yet in the occupancy
+    inks: UInt8[np.ndarray, "n k k"]
+    masks: UInt8[np.ndarray, "n k k"]
+    angles: Float[np.ndarray, " n"]  # direction of each sprite's paddle
+    heads: Int[np.ndarray, "c 2"]  # candidate head offsets from the pivot (row, col)
+    head_angles: Float[np.ndarray, " c"]  # direction from the pivot to each candidate
+    wides: UInt8[np.ndarray, "n w w"]  # masks grey-dilated by the margin's disc
+    seed_offsets: Int[np.ndarray, "360 o 2"]
+    seed_counts: Int[np.ndarray, " 360"]
+    reach: Bool[np.ndarray, " 360"]
 
 
-@functools.lru_cache(maxsize=64)
-def circle_directions(radius: int) -> Float[np.ndarray, "n 2"]:
-    """(sin, cos) of directions one pixel of arc apart on a circle of ``radius`` px."""
+def candidate_heads(radius: int) -> tuple[Int[np.ndarray, "c 2"], Float[np.ndarray, " c"]]:
+    """Offsets of the pixels on a circle of ``radius`` around a pivot, one per pixel of arc,
+    sorted (row, col) and without repeats, and their directions. The pivot is a whole pixel,
+    so the offsets do not depend on it."""
     angles = np.arange(0, 360, 360.0 / (2 * radius * np.pi)) * np.pi / 180
-    return np.stack([np.sin(angles), np.cos(angles)], 1)
+    offsets = np.floor(radius * np.stack([np.sin(angles), np.cos(angles)], 1)).astype(np.int64)
+    heads = np.unique(offsets, axis=0)
+    return heads, np.arctan2(heads[:, 0], heads[:, 1])
 
 
+def dilate(sprite: UInt8[np.ndarray, "k k"], footprint: Bool[np.ndarray, "d d"]
+           ) -> UInt8[np.ndarray, "w w"]:
+    """Grey dilation of ``sprite`` by ``footprint``, grown by its radius on every side."""
+    r = footprint.shape[0] // 2
+    k = sprite.shape[0]
+    out = np.zeros((k + 2 * r,) * 2, sprite.dtype)
+    for dy, dx in np.argwhere(footprint):  # out[p] = max of sprite within the disc around p
+        np.maximum(out[dy:dy + k, dx:dx + k], sprite, out=out[dy:dy + k, dx:dx + k])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def sprite_tables(length: int, thickness: float, margin: int, antialias: int, size: int
+                  ) -> SpriteTables:
+    """The sprites of one resolution and paddle margin (drawn once per process)."""
+    heads, head_angles = candidate_heads(length + margin)
+    angles = np.concatenate([SEED_DEGREES * math.pi / 180,
+                             [kernels.flip(float(a)) for a in head_angles]])
+    pairs = [draw.paddle_sprite(length, thickness, margin, antialias, float(a)) for a in angles]
+    shape = (length, thickness, margin, antialias)
+    offsets = [draw.seed_offsets(*shape, float(a)) for a in angles[:360]]
+    counts = np.array([len(o) for o in offsets], np.int64)
+    table = np.zeros((360, max(counts), 2), np.int64)
+    for i, o in enumerate(offsets):
+        table[i, :len(o)] = o
+    reach = np.array([draw.seed_reaches_everywhere(*shape, float(a), size)
+                      for a in angles[:360]])
+    return SpriteTables(
+        inks=np.stack([ink for ink, _ in pairs]), masks=np.stack([m for _, m in pairs]),
+        angles=angles, heads=heads, head_angles=head_angles,
+        wides=np.stack([dilate(m, draw.disc(margin)) for _, m in pairs]),
+        seed_offsets=table, seed_counts=counts, reach=reach)
+
+
+@dataclasses.dataclass
 class Scene:
-    """An image being grown: the occupancy mask and the contours placed so far, drawn with one
-    paddle margin (chosen per image)."""
+    """The contours of one image: each paddle's start pixel, sprite id and contour (0 and 1
+    the targets), drawn with one paddle margin."""
 
-    def __init__(self, p: PathfinderParams, margin: int, rng: np.random.Generator):
-        self.p, self.margin, self.rng, self.side = p, margin, rng, p.size
-        # The mask, padded with zeros so that dilation lookups need no bounds checks.
-        self.pad = margin
-        self.padded = np.zeros((p.size + 2 * margin,) * 2)
-        self.mask = self.padded[margin:margin + p.size, margin:margin + p.size]
-        band = p.padding
-        self.mask[:band], self.mask[-band:], self.mask[:, :band], self.mask[:, -band:] = 1, 1, 1, 1
-        self.near = np.argwhere(draw.disc(margin)) - margin  # [k, 2] dilation offsets
-        self.contours: list[Contour] = []
+    margin: int
+    size: int
+    tables: SpriteTables
+    paddles: Int[np.ndarray, "p 4"]  # row, col, sprite id, contour
+    contrasts: Float[np.ndarray, " c"]  # per contour
 
-    def sprite(self, angle: float):
-        """The ink and mask sprites of a paddle along ``angle``."""
-        p = self.p
-        return draw.paddle_sprite(p.paddle_length, p.paddle_thickness, self.margin,
-                                  p.antialias, angle)
+    @property
+    def origins(self) -> Int[np.ndarray, "2 2"]:
+        """The free ends of the two targets' seed paddles."""
+        return self.paddles[:2, :2]
 
-    def inside(self, point: Point) -> bool:
-        """Whether ``point`` is a pixel of the image."""
-        return 0 <= point[0] < self.side and 0 <= point[1] < self.side
+    @property
+    def tips(self) -> Int[np.ndarray, "2 2"]:
+        """The free ends of the two targets' last paddles."""
+        return np.stack([self.paddles[self.paddles[:, 3] == c][-1, :2] for c in (0, 1)])
 
-    def _pivot_ok(self, tail: Point, angle: float) -> Point | None:
-        """The seed paddle's pivot if both its head and pivot lie in the image."""
-        head = draw.translate(tail, angle, self.p.paddle_length)
-        pivot = draw.translate(head, draw.flip(angle), self.p.paddle_length + self.margin)
-        return pivot if self.inside(head) and self.inside(pivot) else None
-
-    def _random_angle(self) -> float:
-        return int(self.rng.integers(-180, 180)) * math.pi / 180
-
-    def seed(self, occupied: Bool[np.ndarray, "h w"]) -> tuple[Point, float] | None:
-        """A seed paddle (start pixel, direction) whose opaque mask misses ``occupied``, uniform
-        among the free starts; None if no start is free or every try leaves the image."""
-        p = self.p
-        for _ in range(p.paddle_retries + 1):
-            angle = self._random_angle()
-            shape = (p.paddle_length, p.paddle_thickness, self.margin, p.antialias, angle)
-            if not draw.seed_reaches_everywhere(*shape, self.side):
-                return None
-            free = np.flatnonzero(draw.free_starts(occupied, draw.seed_offsets(*shape)))
-            if free.size == 0:
-                return None
-            tail = divmod(int(free[self.rng.integers(free.size)]), self.side)
-            if self._pivot_ok(tail, angle) is not None:
-                return tail, angle
-        return None
-
-    def near_seed(self, first: Point) -> tuple[Point, float] | None:
-        """The second target's seed, ``seed_distance`` px from ``first`` in a random direction
-        (the original checks only that it stays in the image)."""
-        p = self.p
-        for _ in range(p.paddle_retries + 1):
-            angle = self._random_angle()
-            away = int(self.rng.integers(0, 360)) * math.pi / 180
-            tail = (round(first[0] + p.seed_distance * math.sin(away)),
-                    round(first[1] + p.seed_distance * math.cos(away)))
-            if self._pivot_ok(tail, angle) is not None:
-                return tail, angle
-        return None
-
-    def start(self, seed: tuple[Point, float], contrast: float) -> Contour:
-        """A contour holding its seed paddle."""
-        tail, angle = seed
-        pivot = self._pivot_ok(tail, angle)
-        return Contour(contrast, tail, [seed], pivot, angle, tail, seed)
-
-    def settle(self, contour: Contour) -> None:
-        """Adds the mask of the contour's latest paddle to the occupancy mask."""
-        point, angle = contour.pending
-        draw.paste_max(self.mask, self.sprite(angle)[1], point)
-
-    def extend(self, contour: Contour) -> bool:
-        """Adds the contour's next paddle; False if it is stuck."""
-        p, m = self.p, self.margin
-        pivot = draw.translate(contour.pivot, contour.angle, p.paddle_length + 2 * m)
-        radius = p.paddle_length + m
-        points = np.asarray(pivot) + radius * circle_directions(radius)  # [n, 2] float
-        points = points[((points >= 0) & (points < self.side)).all(axis=1)]
-        if not len(points):
-            return False
-        heads = np.unique(points.astype(np.int64), axis=0)  # [k, 2]
-        step = heads - np.asarray(pivot)
-        angles = np.arctan2(step[:, 0], step[:, 1])
-        turn = np.abs(angles - contour.angle)
-        turn = np.minimum(np.minimum(turn, 2 * np.pi - turn) * p.continuity, np.pi / 2)
-        # occupancy dilated by the margin, read at the heads only
-        near = heads[:, None, :] + self.near[None] + self.pad  # [k, d, 2]
-        occupancy = self.padded[near[..., 0], near[..., 1]].max(axis=1)
-        weights = (1 - occupancy) * np.maximum(np.cos(turn), 0) ** 2
-        total = weights.sum()
-        if total < MIN_WEIGHT:
-            return False
-        cumulative = np.cumsum(weights / total)
-        for _ in range(p.paddle_retries + 1):
-            k = int(np.argmax(cumulative > self.rng.random()))
-            head, back = (int(heads[k, 0]), int(heads[k, 1])), draw.flip(float(angles[k]))
-            views = draw.window(self.mask, self.sprite(back)[1], head)
-            if views is None or (views[0] + views[1] / 255.0).max() < ACCEPT_LIMIT:
-                self.settle(contour)
-                contour.paddles.append((head, back))
-                contour.pending = (head, back)
-                contour.pivot, contour.angle, contour.tip = pivot, float(angles[k]), head
-                return True
-        return False
-
-    def occupied(self, border: int) -> Bool[np.ndarray, "h w"]:
-        """Taken pixels of the occupancy mask, with a frame ``border`` px wide."""
-        taken = self.mask > OCCUPIED
-        taken[:border], taken[-border:], taken[:, :border], taken[:, -border:] = (True,) * 4
-        return taken
-
-    def place_targets(self) -> bool:
-        """The two target contours, grown in turn; False if either got stuck."""
-        p = self.p
-        contrast = p.paddle_contrast * p.snake_contrast
-        first = self.seed(self.occupied(2 * p.seed_distance))
-        if first is None:
-            return False
-        second = self.near_seed(first[0])
-        if second is None:
-            return False
-        pair = [self.start(first, contrast), self.start(second, contrast)]
-        for _ in range(p.contour_length - 1):
-            for contour in pair:
-                if not self.extend(contour):
-                    return False
-        self.settle(pair[1])  # as in the original, the first target's last mask stays out
-        self.contours += pair
-        return True
-
-    def place_distractor(self) -> bool:
-        """One distractor contour, or False (and no change) if it does not fit."""
-        p = self.p
-        if (self.mask <= OCCUPIED).mean() < MIN_FREE_SHARE:
-            return False
-        seed = self.seed(self.occupied(1))
-        if seed is None:
-            return False
-        saved = self.padded.copy()
-        contour = self.start(seed, p.snake_contrast)
-        for _ in range(p.distractor_length - 1):
-            if not self.extend(contour):
-                np.copyto(self.padded, saved)
-                return False
-        self.settle(contour)
-        self.contours.append(contour)
-        return True
-
-    def place_distractors(self) -> None:
-        """Up to ``num_distractors`` distractors, each tried a few times, kept as they fit."""
-        for _ in range(self.p.num_distractors):
-            for _ in range(self.p.distractor_retries + 1):
-                if self.place_distractor():
-                    break
+    def render(self, contours=None) -> Float[np.ndarray, "s s"]:
+        """The ink of ``contours`` (default all) at their contrasts, before markers."""
+        keep = self.paddles if contours is None else self.paddles[
+            np.isin(self.paddles[:, 3], list(contours))]
+        canvas = np.zeros((self.size, self.size))
+        kernels.render(canvas, keep, len(keep), self.tables.inks, self.contrasts)
+        return canvas
 
 
-def grow(p: PathfinderParams, rng: np.random.Generator, max_attempts: int = 100_000) -> Scene:
-    """A scene with its two targets and the distractors that fitted, from ``rng``."""
+def grow(p: PathfinderParams, rng: np.random.Generator) -> Scene:
+    """The two targets and the distractors that fitted, drawn from ``rng``."""
+    return grow_with_masks(p, rng)[0]
+
+
+def grow_with_masks(p: PathfinderParams, rng: np.random.Generator
+                    ) -> tuple[Scene, Float[np.ndarray, "s s"], Float[np.ndarray, "s s"]]:
+    """``grow``, with the final occupancy mask and the dilation the growth kept beside it."""
     margin = int(p.paddle_margins[rng.integers(len(p.paddle_margins))])
-    for _ in range(max_attempts):
-        scene = Scene(p, margin, rng)
-        if scene.place_targets():
-            scene.place_distractors()
-            return scene
-    raise GrowthError(f"two {p.contour_length}-paddle target contours did not fit a "
-                      f"{p.size}px image in {max_attempts} attempts")
+    t = sprite_tables(p.paddle_length, p.paddle_thickness, margin, p.antialias, p.size)
+    total = 2 * p.contour_length + p.num_distractors * p.distractor_length
+    mask, dilated = np.zeros((p.size, p.size)), np.zeros((p.size, p.size))
+    backup = np.zeros((2, p.size, p.size))
+    free = np.zeros(p.size * p.size, np.int64)
+    paddles = np.zeros((total, 4), np.int64)
+    state = np.zeros((2 + p.num_distractors, 5), np.int64)
+    angles = np.zeros(2 + p.num_distractors)
+    count, drawn = kernels.grow(
+        rng, mask, dilated, backup, free, paddles, state, angles, t.masks, t.wides, t.heads,
+        t.head_angles, t.seed_offsets, t.seed_counts, t.reach, p.padding, p.seed_distance,
+        p.paddle_length, margin, p.continuity, p.contour_length, p.num_distractors,
+        p.distractor_length, p.paddle_retries, p.distractor_retries, MAX_ATTEMPTS)
+    if count < 0:
+        raise GrowthError(f"two {p.contour_length}-paddle target contours did not fit a "
+                          f"{p.size}px image in {MAX_ATTEMPTS} attempts")
+    contrasts = np.array([p.paddle_contrast * p.snake_contrast] * 2
+                         + [p.snake_contrast] * drawn)
+    return Scene(margin, p.size, t, paddles[:count], contrasts), mask, dilated
