@@ -29,6 +29,7 @@ ROWS = (  # (key, heading, format)
     ("median_components_above_64", "components > 64 (median)", "{:.0f}"),
     ("distractors_mean", "distractors drawn (mean)", "{:.2f}"),
     ("distractors_requested", "distractors requested", "{:d}"),
+    ("label_1_share", "label 1 share (chance: the larger class)", "{:.1%}"),
     ("flood_fill_best_accuracy", "flood fill, best threshold", "{:.1%}"),
     ("flood_fill_best_threshold", "its threshold", "{:d}"),
     ("ms_per_image", "ms per image, one core", "{:.1f}"),
