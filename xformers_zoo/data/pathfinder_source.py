@@ -34,7 +34,7 @@ _BUILD_POOLS: dict[DataConfig, multiprocessing.pool.Pool] = {}
 
 def chunk_size(size: int) -> int:
     """Images per job: about a second of work, so that every core stays busy to the end."""
-    return {32: 512, 64: 64, 128: 64, 256: 48}.get(size, 16)
+    return {32: 64, 64: 32, 128: 32, 256: 8}.get(size, 16)
 
 
 def spawn_pool(workers: int) -> multiprocessing.pool.Pool:
