@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads, into .whl/, the Python 3.12 x86-64 wheels that the GPU machines lack (their image
-# has jax, flax, optax, orbax-checkpoint, chex, einops, jaxtyping, tqdm, pillow and matplotlib
-# but not the data stack). On the GPU machine:
+# has jax, flax, optax, orbax-checkpoint, chex, einops, jaxtyping, tqdm, pillow, matplotlib and
+# numba 0.68.0 (the Pathfinder generator's), but not the data stack). On the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site
 set -euo pipefail

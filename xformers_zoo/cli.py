@@ -20,6 +20,7 @@ DELEGATED = {
     ("bench", "loader"): "xformers_zoo.train.bench_loader",
     ("bench", "speed"): "xformers_zoo.train.bench_speed",
     ("data", "show"): "xformers_zoo.data.show",
+    ("data", "stats"): "xformers_zoo.data.stats",
 }
 OVERRIDES_HELP = ("Overrides section.field=value (e.g. data.train_size=1000 train.lr=0.01) may "
                   "stand anywhere after the subcommand.")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="only this task (default: every registered task)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("data", help="prepare or show a task's data")
+    p = sub.add_parser("data", help="prepare, show or measure a task's data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="build a task's data set (reused once built)")
     prep.add_argument("task")
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _takes_overrides(prep)
     prep.set_defaults(func=cmd_data_prepare)
     data_sub.add_parser("show", help="write a PNG grid of samples (see --help)", add_help=False)
+    data_sub.add_parser("stats", help="image statistics of generated Pathfinder data (see --help)",
+                        add_help=False)
 
     p = sub.add_parser("train", help="train a variant on a task")
     p.add_argument("--task", default="listops")

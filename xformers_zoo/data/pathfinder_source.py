@@ -24,7 +24,9 @@ from xformers_zoo.data.sources import SOURCES, DataSource, split_sizes
 
 SIZES = {"pathfinder32": 32, "pathfinder64": 64, "pathx": 128, "path256": 256}
 LRA_SIZES = (160_000, 20_000, 20_000)
-GENERATOR_VERSION = "1.0.0"
+# 2.0.0: drawn as the original generator (dashed Lanczos-shrunk paddles, its contrasts,
+# distractors kept as they fit); 1.x images were connected curves a flood fill could solve.
+GENERATOR_VERSION = "2.0.0"
 
 # The pool of each build in progress, by its data config (see ``build_pool``).
 _BUILD_POOLS: dict[DataConfig, multiprocessing.pool.Pool] = {}

@@ -61,20 +61,25 @@ def grid(images: np.ndarray, labels: np.ndarray, *, columns: int, scale: int,
     return sheet
 
 
+def add_sample_arguments(parser: argparse.ArgumentParser, count: int) -> None:
+    """The options that pick which images: how many, split, Pathfinder level, seed."""
+    parser.add_argument("--count", type=int, default=count)
+    parser.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    parser.add_argument("--level", default="contour14", choices=["baseline", "contour9",
+                                                                 "contour14"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Writes the grid; returns the exit status."""
     parser = argparse.ArgumentParser(prog="xformers-zoo data show", description=__doc__)
     parser.add_argument("task", help=f"one of {', '.join(TASKS.names())}")
     parser.add_argument("--out", default=None, help="PNG path (default <task>_samples.png)")
-    parser.add_argument("--count", type=int, default=16)
+    add_sample_arguments(parser, count=16)
     parser.add_argument("--columns", type=int, default=4)
     parser.add_argument("--scale", type=int, default=0, help="upscale factor (0: to ~128 px)")
-    parser.add_argument("--split", default="train", choices=["train", "validation", "test"])
     parser.add_argument("--source", default=None, choices=["generated", "official"],
                         help="default: generated for Pathfinder, official for Image")
-    parser.add_argument("--level", default="contour14", choices=["baseline", "contour9",
-                                                                 "contour14"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--manual-dir", default=None)
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args(argv)
