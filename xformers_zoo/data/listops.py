@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import multiprocessing
 import os
 import random
@@ -136,18 +137,21 @@ def generate(total: int, *, seed: int, max_length: int, workers: int = 0,
     workers = workers or os.cpu_count() or 1
     seen: set[bytes] = set()
     out: list[tuple[np.ndarray, int]] = []
-    jobs = ((seed, i, chunk_size, max_length) for i in range(10**9))
     ctx = multiprocessing.get_context("spawn" if workers > 1 else "fork")
     pool = ctx.Pool(workers) if workers > 1 else None
+    # Chunks go out in finite waves, each read back whole: a pool fed an endless task stream
+    # can hang in terminate() while its feeder thread waits on a full pipe.
+    wave = 4 * workers
     try:
-        chunks = pool.imap(_chunk, jobs) if pool else map(_chunk, jobs)
-        for chunk in chunks:
-            for ids, label in chunk:
-                if ids not in seen:
-                    seen.add(ids)
-                    out.append((np.frombuffer(ids, np.uint8), label))
-                    if len(out) == total:
-                        return out
+        for start in itertools.count(0, wave):
+            jobs = [(seed, i, chunk_size, max_length) for i in range(start, start + wave)]
+            for chunk in (pool.map(_chunk, jobs) if pool else map(_chunk, jobs)):
+                for ids, label in chunk:
+                    if ids not in seen:
+                        seen.add(ids)
+                        out.append((np.frombuffer(ids, np.uint8), label))
+                        if len(out) == total:
+                            return out
     finally:
         if pool:
             pool.terminate()
