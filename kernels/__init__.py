@@ -12,6 +12,7 @@ from xformers_zoo.kernels.dispatch import (
     describe_choice,
     dot_product_attention,
 )
+from xformers_zoo.kernels.mask_predicate import MaskPredicate
 from xformers_zoo.kernels.pallas_attention import pallas_attention as pallas_flash_attention
 from xformers_zoo.kernels.pallas_attention import pallas_rejects
 from xformers_zoo.kernels.xla import xla_attention
@@ -30,6 +31,7 @@ __all__ = [
     "AttentionCall",
     "BlockMask",
     "KernelImpl",
+    "MaskPredicate",
     "NoImplementationError",
     "choose_implementation",
     "describe_choice",

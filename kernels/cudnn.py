@@ -20,6 +20,8 @@ def cudnn_rejects(call: AttentionCall) -> str | None:
         return f"head_dim must be a multiple of 8 up to 128, got {call.head_dim}"
     if call.block_mask is not None:
         return "block masks are not supported"
+    if call.mask_predicate is not None:
+        return "mask predicates are not supported"
     if call.dropout_rate > 0.0:
         return ("attention dropout is not supported (the pallas kernels apply it in-kernel; xla "
                 "materialises the N x N weights)")
@@ -51,12 +53,13 @@ def cudnn_call_form(call: AttentionCall) -> str:
 
 
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
-                    dropout_rate=0.0, dropout_rng=None, key_mask_is_prefix=True):
+                    dropout_rate=0.0, dropout_rng=None, key_mask_is_prefix=True,
+                    mask_predicate=None):
     """cuDNN flash attention. Without a key mask, and with lengths that are multiples of 64, it
     is the plain call; otherwise a right-padding key mask (any key mask is taken as right
     padding: ``cudnn_rejects`` refuses calls that do not say so) and the padding up to a
     multiple of 64 become per-sequence query and key lengths."""
-    del block_mask, dropout_rate, dropout_rng, key_mask_is_prefix  # rejected above
+    del block_mask, dropout_rate, dropout_rng, key_mask_is_prefix, mask_predicate  # rejected
     batch, q_len, _, head_dim = q.shape
     k_len = k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale

@@ -15,6 +15,7 @@ import jax
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate
 from xformers_zoo.registry import Registry
 
 log = logging.getLogger("xformers_zoo.kernels")
@@ -36,6 +37,7 @@ class AttentionCall:
     causal: bool
     dropout_rate: float
     key_mask_is_prefix: bool = False
+    mask_predicate: MaskPredicate | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +98,16 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     implementation: Sequence[str] = ("cudnn", "xla"),
     key_mask_is_prefix: bool = False,
+    mask_predicate: MaskPredicate | Callable | None = None,
 ) -> Float[Array, "b q h d"]:
     """Softmax attention ``softmax(q k^T * scale + mask) v`` per head.
 
     ``key_mask`` is True at real keys; ``key_mask_is_prefix`` promises that the real keys of each
     sequence come first (padding at the end, as the project's pipelines pad), which lets
     implementations take per-sequence lengths instead of a mask. ``block_mask`` restricts which
-    tiles are computed; rows with no visible key return zeros. ``implementation`` is tried in
+    tiles are computed; ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``,
+    see ``kernels.mask_predicate``) says token by token which pairs are visible, in place of a
+    block mask. Rows with no visible key return zeros. ``implementation`` is tried in
     order; each skipped one is logged once with its reason (logger ``xformers_zoo.kernels``).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -112,6 +117,13 @@ def dot_product_attention(
         raise ValueError(f"key_mask must be [batch, k_len]={k.shape[:2]}, got {key_mask.shape}")
     if block_mask is not None:
         block_mask.check_shape(q.shape[1], k.shape[1], q.shape[2])
+    mask_predicate = as_predicate(mask_predicate)
+    if mask_predicate is not None:
+        if block_mask is not None:
+            raise ValueError("pass a block_mask or a mask_predicate, not both (a predicate's "
+                             "tile-granular part goes in its tiles)")
+        if mask_predicate.tiles is not None:
+            mask_predicate.tiles.check_shape(q.shape[1], k.shape[1], q.shape[2])
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rate > 0 needs a dropout_rng")
     call = AttentionCall(
@@ -119,6 +131,7 @@ def dot_product_attention(
         k_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
         has_key_mask=key_mask is not None, block_mask=block_mask, causal=causal,
         dropout_rate=float(dropout_rate), key_mask_is_prefix=key_mask_is_prefix,
+        mask_predicate=mask_predicate,
     )
     if isinstance(implementation, str):
         implementation = (implementation,)
@@ -136,4 +149,4 @@ def dot_product_attention(
             log.log(level, "attention: skipped %s (%s); using %s", name, reason, impl.name)
     return impl.fn(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
                    dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                   key_mask_is_prefix=key_mask_is_prefix)
+                   key_mask_is_prefix=key_mask_is_prefix, mask_predicate=mask_predicate)

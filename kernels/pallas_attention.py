@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
@@ -31,6 +32,7 @@ from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall
+from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, tile_classes
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
@@ -46,6 +48,7 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
     TileSchedule,
+    causal_tiles,
     schedule_from_visibility,
     tile_visibility,
 )
@@ -117,7 +120,8 @@ def pallas_rejects(call: AttentionCall) -> str | None:
             return "needs a CUDA GPU (the GPU backend reports no compute capability)"
         if float(capability) < 8.0:
             return f"needs compute capability 8.0 or newer, device has {capability}"
-    return _input_rejects(call.dtype, call.head_dim, call.block_mask) or (
+    return _input_rejects(call.dtype, call.head_dim, _tile_part(call.block_mask,
+                                                                call.mask_predicate)) or (
         None if 0.0 <= call.dropout_rate < 1.0
         else f"dropout_rate must be in [0, 1), got {call.dropout_rate}")
 
@@ -136,8 +140,14 @@ def _zero_pad_head_dim(size: int, *arrays: Float[Array, "b n h d"]) -> tuple[jax
     return tuple(jnp.pad(x, pad) for x in arrays)
 
 
+def _tile_part(block_mask: BlockMask | None,
+               predicate: MaskPredicate | None) -> BlockMask | None:
+    """The tile mask the kernel tiles must divide: the block mask, or a predicate's tiles."""
+    return predicate.tiles if predicate is not None else block_mask
+
+
 def _input_rejects(dtype: str, head_dim: int, block_mask: BlockMask | None) -> str | None:
-    """Why the kernels cannot take inputs of this dtype, head dim and block mask, or None."""
+    """Why the kernels cannot take inputs of this dtype, head dim and tile mask, or None."""
     if dtype not in KERNEL_DTYPES:
         return f"dtype must be one of {KERNEL_DTYPES}, got {dtype}"
     if not 0 < head_dim <= HEAD_DIMS[-1]:
@@ -160,14 +170,25 @@ def _fit_to_mask(tiles: PassTiles, block_mask: BlockMask | None) -> PassTiles:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(block_mask: BlockMask, plan: KernelPlan, by_key: bool,
-              max_steps: int | None) -> TileSchedule:
+def _schedule(pattern: BlockMask | MaskPredicate, plan: KernelPlan, by_key: bool,
+              max_steps: int | None, batch: int, heads: int) -> TileSchedule:
     """Host tile lists for ``plan``: key tiles per query tile, or query tiles per key tile, with
-    rows longer than the bound split (``max_steps``, see PassTiles)."""
-    visible = tile_visibility(block_mask, plan.block_q, plan.block_k, plan.q_tiles,
-                              plan.k_tiles, plan.causal_offset)
-    schedule = schedule_from_visibility(visible.transpose(0, 2, 1) if by_key else visible)
-    return split_long_rows(schedule, max_steps)
+    rows longer than the bound split (``max_steps``, see PassTiles). A mask predicate's tiles
+    are classified first: empty ones are left out, partial ones flagged."""
+    if isinstance(pattern, BlockMask):
+        visible = tile_visibility(pattern, plan.block_q, plan.block_k, plan.q_tiles,
+                                  plan.k_tiles, plan.causal_offset)
+        partial = None
+    else:
+        classes = tile_classes(pattern, batch, heads, *plan.token_lengths, plan.block_q,
+                               plan.block_k, plan.q_tiles, plan.k_tiles)
+        visible = classes.visible & causal_tiles(plan.block_q, plan.block_k, plan.q_tiles,
+                                                 plan.k_tiles, plan.causal_offset)
+        partial = classes.partial
+    if by_key:
+        visible = visible.transpose(0, 2, 1)
+        partial = None if partial is None else partial.transpose(0, 2, 1)
+    return split_long_rows(schedule_from_visibility(visible, partial), max_steps)
 
 
 def _plan(tiles: PassTiles, q_len: int, k_len: int, schedule_width: int, **facts) -> KernelPlan:
@@ -196,6 +217,7 @@ def pallas_attention(
     tiles: FlashTiles | None = None,
     key_mask_is_prefix: bool = False,
     kernels: KernelFamily | None = None,
+    mask_predicate: MaskPredicate | Callable | None = None,
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
@@ -206,6 +228,9 @@ def pallas_attention(
     padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
     family: "mosaic" (Hopper wgmma kernels, dense non-causal calls without dropout), "triton",
     or None: Mosaic where it serves the call on a Hopper GPU, else Triton.
+    ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
+    visible, token by token; its tiles are classified on the host and only the partial ones
+    evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
     """
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
@@ -215,9 +240,15 @@ def pallas_attention(
         interpret = jax.default_backend() != "gpu"
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    reason = _input_rejects(str(q.dtype), head_dim, block_mask)
+    predicate = as_predicate(mask_predicate)
+    if predicate is not None and block_mask is not None:
+        raise ValueError("pallas attention: pass a block_mask or a mask_predicate, not both (a "
+                         "predicate's tile-granular part goes in its tiles)")
+    reason = _input_rejects(str(q.dtype), head_dim, _tile_part(block_mask, predicate))
     if reason is not None:
         raise ValueError(f"pallas attention: {reason}")
+    if predicate is not None and predicate.tiles is not None:
+        predicate.tiles.check_shape(q_len, k_len, heads)
     if block_mask is not None:
         block_mask.check_shape(q_len, k_len, heads)
     scale = float(head_dim ** -0.5 if scale is None else scale)
@@ -227,12 +258,13 @@ def pallas_attention(
             *_zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
             scale=scale, causal=causal,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng, interpret=interpret, tiles=tiles,
-            key_mask_is_prefix=key_mask_is_prefix, kernels=kernels)
+            key_mask_is_prefix=key_mask_is_prefix, kernels=kernels, mask_predicate=predicate)
         return out[..., :head_dim]
-    tiles = tiles or default_tiles(head_dim, q.dtype, sparse=block_mask is not None)
-    passes = [_fit_to_mask(t, block_mask) for t in tiles.passes()]
+    pattern = block_mask if predicate is None else predicate
+    tiles = tiles or default_tiles(head_dim, q.dtype, sparse=pattern is not None)
+    passes = [_fit_to_mask(t, _tile_part(block_mask, predicate)) for t in tiles.passes()]
     use_mosaic = _use_mosaic(kernels, interpret, str(q.dtype), head_dim, causal=causal,
-                             block_mask=block_mask, key_mask=key_mask,
+                             block_mask=block_mask, predicate=predicate, key_mask=key_mask,
                              key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
     if use_mosaic:  # its tiles set the padding of q and k/v too
         passes[0] = dataclasses.replace(passes[0], block_q=QUERY_TILES_PER_PROGRAM * BLOCK_Q,
@@ -251,18 +283,19 @@ def pallas_attention(
 
     facts = dict(scale=scale,
                  causal_offset=(k_len - q_len) if causal else None, has_bias=has_bias,
-                 sparse=block_mask is not None,
-                 schedule_heads=1 if block_mask is None else block_mask.num_heads,
+                 sparse=pattern is not None, schedule_heads=1,
                  exact_f32=q.dtype == jnp.float32, interpret=bool(interpret),
-                 dropout_rate=float(dropout_rate))
+                 dropout_rate=float(dropout_rate), predicate=predicate,
+                 token_lengths=(q_len, k_len))
     plans, schedules = [], []
     for tile, by_key in zip(passes, (False, True, False), strict=True):
         plan = _plan(tile, q_pad, k_pad, 1, **facts)
         schedule = None
-        if block_mask is not None:
-            schedule = _schedule(block_mask, plan, by_key, tile.max_steps)
+        if pattern is not None:
+            schedule = _schedule(pattern, plan, by_key, tile.max_steps, batch, heads)
             plan = dataclasses.replace(
                 plan, max_count=schedule.max_count, programs=schedule.programs,
+                schedule_heads=schedule.indices.shape[0],
                 split_slots=0 if schedule.split is None else schedule.split.slots)
         plans.append(plan)
         schedules.append(schedule)
@@ -282,7 +315,7 @@ def pallas_attention(
 
 
 def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_dim: int, *,
-                causal: bool, block_mask, key_mask, key_mask_is_prefix: bool,
+                causal: bool, block_mask, predicate, key_mask, key_mask_is_prefix: bool,
                 dropout_rate: float) -> bool:
     """Whether the Mosaic kernels run this call (else the Triton kernels). Asked for by name,
     they must serve the call or the reason is raised."""
@@ -292,6 +325,7 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
     if kernels == "triton":
         return False
     reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
+                            has_predicate=predicate is not None,
                             has_key_mask=key_mask is not None,
                             key_mask_is_prefix=key_mask_is_prefix, dropout=dropout_rate > 0.0)
     if reason is None and interpret:

@@ -32,9 +32,11 @@ from xformers_zoo.kernels.pallas_in_kernel import (
     dot_nn,
     dot_nt,
     dot_tn,
+    listed_partial,
     listed_tile,
     locate_row,
     mask_logits,
+    predicate_site,
     read_own,
     store_result,
 )
@@ -51,12 +53,13 @@ from xformers_zoo.kernels.pallas_schedule import (
 from xformers_zoo.kernels.pallas_split import add_partial_sums, partial_outputs
 
 
-def _probabilities_and_score_grads(q, k, v, do, lse, delta, q_tile, k_tile, bias, stream, plan):
+def _probabilities_and_score_grads(q, k, v, do, lse, delta, q_tile, k_tile, bias, stream, plan,
+                                   partial):
     """For one (query tile, key tile): the probabilities that weigh the values (dropped, with
     dropout) and the logit gradients ds, [block_q, block_k] float32 (ds without the softmax
-    scale)."""
+    scale). ``partial``: whether the tile evaluates the mask predicate (None: no predicate)."""
     s = dot_nt(q, k, plan) * (plan.scale * LOG2_E)
-    s = mask_logits(s, q_tile, k_tile, bias, plan)
+    s = mask_logits(s, q_tile, k_tile, bias, plan, partial)
     p = jnp.exp2(s - lse[:, None])
     dp = dot_nt(do, v, plan)
     if plan.dropout_rate:
@@ -69,7 +72,8 @@ def _probabilities_and_score_grads(q, k, v, do, lse, delta, q_tile, k_tile, bias
 
 def _unpack(refs, plan: KernelPlan, heads: int):
     """Splits a backward kernel's refs into (q, k, v, dO, lse, delta), the key bias, the
-    program's dropout stream word, the schedule tables and the outputs."""
+    program's dropout stream word, the schedule tables and the outputs; also gives the
+    program's mask-predicate site (``predicate_site``)."""
     inputs, rest = refs[:6], list(refs[6:])
     bias_ref = rest.pop(0) if plan.has_bias else None
     stream = None
@@ -77,12 +81,12 @@ def _unpack(refs, plan: KernelPlan, heads: int):
         batch, head = batch_and_head(plan)
         stream = rest.pop(0)[batch * heads + head]
     tables = [rest.pop(0) for _ in range(plan.table_count)]
-    return inputs, bias_ref, stream, tables, rest
+    return inputs, bias_ref, stream, tables, rest, predicate_site(plan)
 
 
 def _key_value_grads_kernel(*refs, plan: KernelPlan, heads: int):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs = _unpack(
-        refs, plan, heads)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs, site = (
+        _unpack(refs, plan, heads))
     dk_ref, dv_ref, *part_refs = outs  # part_refs: partial dk, dv of split rows
     work = locate_row(plan, plan.k_tiles, plan.block_k, tables)
     k_tile = work.tile
@@ -103,7 +107,8 @@ def _key_value_grads_kernel(*refs, plan: KernelPlan, heads: int):
         q = q_ref[rows, :]
         do = do_ref[rows, :]
         p, ds = _probabilities_and_score_grads(q, k, v, do, lse_ref[rows], delta_ref[rows],
-                                               q_tile, k_tile, bias, stream, plan)
+                                               q_tile, k_tile, bias, stream, plan,
+                                               listed_partial(plan, tables, work, step, site))
         dv = dv + dot_tn(p.astype(do.dtype), do, plan)
         dk = dk + dot_tn(ds.astype(q.dtype), q, plan)
         return dk, dv
@@ -116,8 +121,8 @@ def _key_value_grads_kernel(*refs, plan: KernelPlan, heads: int):
 
 
 def _query_grads_kernel(*refs, plan: KernelPlan, heads: int):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs = _unpack(
-        refs, plan, heads)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, stream, tables, outs, site = (
+        _unpack(refs, plan, heads))
     dq_ref, *part_refs = outs  # part_refs: partial dq of split rows
     work = locate_row(plan, plan.q_tiles, plan.block_q, tables)
     q_tile = work.tile
@@ -138,7 +143,8 @@ def _query_grads_kernel(*refs, plan: KernelPlan, heads: int):
         k = k_ref[keys, :]
         bias = bias_ref[keys] if plan.has_bias else None
         _, ds = _probabilities_and_score_grads(q, k, v_ref[keys, :], do, lse, delta,
-                                               q_tile, k_tile, bias, stream, plan)
+                                               q_tile, k_tile, bias, stream, plan,
+                                               listed_partial(plan, tables, work, step, site))
         return dq + dot_nn(ds.astype(k.dtype), k, plan)
 
     dq = lax.fori_loop(start, stop, visit, jnp.zeros(q.shape, jnp.float32))

@@ -27,9 +27,11 @@ from xformers_zoo.kernels.pallas_in_kernel import (
     causal_k_end,
     dot_nn,
     dot_nt,
+    listed_partial,
     listed_tile,
     locate_row,
     mask_logits,
+    predicate_site,
     read_own,
     store_result,
 )
@@ -65,6 +67,7 @@ def _forward_kernel(*refs, plan: KernelPlan, heads: int):
     if plan.dropout_rate:
         batch, head = batch_and_head(plan)
         stream = stream_ref[batch * heads + head]
+    site = predicate_site(plan)
 
     def visit(step, carry):
         acc, m_prev, l_prev = carry
@@ -72,7 +75,8 @@ def _forward_kernel(*refs, plan: KernelPlan, heads: int):
         keys = pl.ds(pl.multiple_of(k_tile * plan.block_k, plan.block_k), plan.block_k)
         s = dot_nt(q, k_ref[keys, :], plan) * scale  # [block_q, block_k]
         bias = bias_ref[keys] if plan.has_bias else None
-        s = mask_logits(s, q_tile, k_tile, bias, plan)
+        tile = listed_partial(plan, tables, work, step, site)
+        s = mask_logits(s, q_tile, k_tile, bias, plan, tile)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         # A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps
         # exp2(-inf - m) at 0 rather than NaN.

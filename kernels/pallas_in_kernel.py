@@ -113,16 +113,64 @@ def dot_nn(a: jax.Array, b: jax.Array, plan: KernelPlan) -> jax.Array:
                            preferred_element_type=jnp.float32)
 
 
+class PredicateTile(NamedTuple):
+    """What a tile needs to apply the mask predicate: whether it must (``partial`` nonzero) and
+    the program's batch entry and head."""
+
+    partial: jax.Array
+    batch: jax.Array
+    head: jax.Array
+
+
+def predicate_site(plan: KernelPlan):
+    """The program's (batch, head) for the mask predicate, or None without one. Read at the top
+    of a kernel: interpret mode cannot evaluate program ids inside loops."""
+    return batch_and_head(plan) if plan.predicate is not None else None
+
+
+def listed_partial(plan: KernelPlan, tables, work: RowProgram, step,
+                   site) -> PredicateTile | None:
+    """The mask-predicate facts of the tile at ``step`` of the program's row list (``site``
+    from ``predicate_site``), or None for plans without a predicate."""
+    if plan.predicate is None:
+        return None
+    flag = tables[plan.table_count - 1][work.table_row * plan.max_count + step]
+    return PredicateTile(flag, *site)
+
+
+def _positions(s: jax.Array, q_tile, k_tile, plan: KernelPlan):
+    q_pos = q_tile * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_pos = k_tile * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return q_pos, k_pos
+
+
+def _apply_predicate(s: jax.Array, q_tile, k_tile, tile: PredicateTile,
+                     plan: KernelPlan) -> jax.Array:
+    """Masks a partial tile by the plan's predicate; full tiles pass unchanged, without
+    evaluating it. Padding positions are clamped to the last real token, so the predicate only
+    sees real indices (padded keys are masked by the bias, padded query rows are cut off)."""
+    q_len, k_len = plan.token_lengths
+
+    def evaluate(s):
+        q_pos, k_pos = _positions(s, q_tile, k_tile, plan)
+        visible = plan.predicate(tile.batch, tile.head, jnp.minimum(q_pos, q_len - 1),
+                                 jnp.minimum(k_pos, k_len - 1))
+        return jnp.where(visible, s, -jnp.inf)
+
+    return lax.cond(tile.partial != 0, evaluate, lambda s: s, s)
+
+
 def mask_logits(s: jax.Array, q_tile, k_tile, bias: jax.Array | None,
-                plan: KernelPlan) -> jax.Array:
-    """Applies the key bias (0 or -inf per key) and the causal mask to a [block_q, block_k]
-    tile of base-2 logits."""
+                plan: KernelPlan, predicate_tile: PredicateTile | None = None) -> jax.Array:
+    """Applies the key bias (0 or -inf per key), the causal mask and, on partial tiles (see
+    ``listed_partial``), the mask predicate to a [block_q, block_k] tile of base-2 logits."""
     if bias is not None:
         s = s + bias[None, :]
     if plan.causal_offset is not None:
-        q_pos = q_tile * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        k_pos = k_tile * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        q_pos, k_pos = _positions(s, q_tile, k_tile, plan)
         s = jnp.where(k_pos <= q_pos + plan.causal_offset, s, -jnp.inf)
+    if plan.predicate is not None:
+        s = _apply_predicate(s, q_tile, k_tile, predicate_tile, plan)
     return s
 
 

@@ -79,7 +79,8 @@ def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multipl
 
 
 def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
-                   has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool) -> str | None:
+                   has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool,
+                   has_predicate: bool = False) -> str | None:
     """Why this forward cannot serve a call (the Triton forward then does), or None."""
     if dtype not in MOSAIC_DTYPES:
         return f"dtype must be one of {MOSAIC_DTYPES}, got {dtype}"
@@ -89,6 +90,9 @@ def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: b
         return "causal masking is not implemented"
     if has_block_mask:
         return "block masks are not implemented"
+    if has_predicate:
+        return ("mask predicates are not implemented: calls with one run on the Triton-family "
+                "kernels")
     if dropout:
         return "attention dropout is not implemented"
     if has_key_mask and not key_mask_is_prefix:

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.mask_predicate import MaskPredicate, refine_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,8 @@ class KernelPlan:
     non-causal attention, else key ``j`` is visible from query ``i`` when ``j <= i + offset``;
     ``has_bias`` says a [batch, k_len] additive key bias (0 or -inf) is passed; ``sparse`` says tile
     schedules are passed, with ``schedule_heads`` (1: shared by heads) rows of ``max_count``.
+    ``predicate``: a token mask predicate that the schedule's partial tiles evaluate, over
+    ``token_lengths`` (q_len, k_len) real tokens.
     """
 
     block_q: int
@@ -45,6 +48,8 @@ class KernelPlan:
     programs: int = 0
     split_slots: int = 0
     dropout_rate: float = 0.0
+    predicate: MaskPredicate | None = None
+    token_lengths: tuple[int, int] = (0, 0)
 
     @property
     def split(self) -> bool:
@@ -55,12 +60,14 @@ class KernelPlan:
     def table_count(self) -> int:
         """How many schedule tables the kernels take: none (dense), (indices, counts, order), or
         (indices, programs) when rows are split."""
-        return 0 if not self.sparse else 2 if self.split else 3
+        if not self.sparse:
+            return 0
+        return (2 if self.split else 3) + (self.predicate is not None)
 
     @property
     def masked(self) -> bool:
         """Whether some logits may be masked element-wise (so rows may see no key at all)."""
-        return self.has_bias or self.causal_offset is not None
+        return self.has_bias or self.causal_offset is not None or self.predicate is not None
 
     @property
     def precision(self):
@@ -104,13 +111,15 @@ class TileSchedule:
     """For each (head, row tile), the column tiles to visit: ``indices [heads, rows, max_count]``
     (unused slots repeat a valid index) and ``counts [heads, rows]``; ``order [heads, rows]``
     lists rows by falling count, so the longest rows (e.g. global tokens) start first and the
-    short ones fill in behind them. ``split``: the long rows' segments, if any were cut. Host
-    data (numpy)."""
+    short ones fill in behind them. ``split``: the long rows' segments, if any were cut.
+    ``partial [heads, rows, max_count]`` (mask predicates only): 1 where the listed tile must
+    evaluate the predicate, 0 where all its pairs are visible. Host data (numpy)."""
 
     indices: np.ndarray
     counts: np.ndarray
     order: np.ndarray
     split: RowSplit | None = None
+    partial: np.ndarray | None = None
 
     @property
     def max_count(self) -> int:
@@ -127,43 +136,49 @@ class TileSchedule:
         inside a kernel."""
         tables = ((self.indices, self.counts, self.order) if self.split is None
                   else (self.indices, self.split.programs))
+        if self.partial is not None:
+            tables += (self.partial,)
         return tuple(jnp.asarray(t.reshape(-1)) for t in tables)
+
+
+def causal_tiles(block_q: int, block_k: int, q_tiles: int, k_tiles: int,
+                 causal_offset: int | None) -> np.ndarray | bool:
+    """``[q_tiles, k_tiles]``: tiles causal masking leaves some pair of (True where no causal
+    masking)."""
+    if causal_offset is None:
+        return True
+    last_q = np.arange(q_tiles)[:, None] * block_q + block_q - 1
+    first_k = np.arange(k_tiles)[None, :] * block_k
+    return first_k <= last_q + causal_offset
 
 
 def tile_visibility(block_mask: BlockMask, block_q: int, block_k: int, q_tiles: int,
                     k_tiles: int, causal_offset: int | None) -> np.ndarray:
     """The block mask refined to kernel tiles, ``[heads or 1, q_tiles, k_tiles]`` bool, with tiles
     that causal masking empties removed. Kernel tiles must divide the mask's tiles."""
-    if block_mask.block_q % block_q or block_mask.block_k % block_k:
-        raise ValueError(f"kernel tiles {block_q}x{block_k} must divide block-mask tiles "
-                         f"{block_mask.block_q}x{block_mask.block_k}")
-    fine = np.repeat(block_mask.mask, block_mask.block_q // block_q, axis=1)
-    fine = np.repeat(fine, block_mask.block_k // block_k, axis=2)
-    fine = fine[:, :q_tiles, :k_tiles]
-    pad = ((0, 0), (0, q_tiles - fine.shape[1]), (0, k_tiles - fine.shape[2]))
-    fine = np.pad(fine, pad)  # tiles past the mask's grid hold only padding: never computed
-    if causal_offset is not None:
-        first_q = np.arange(q_tiles)[:, None] * block_q
-        last_q = first_q + block_q - 1
-        first_k = np.arange(k_tiles)[None, :] * block_k
-        fine = fine & (first_k <= last_q + causal_offset)[None]
-    return fine
+    fine = refine_tiles(block_mask, block_q, block_k, q_tiles, k_tiles)
+    return fine & causal_tiles(block_q, block_k, q_tiles, k_tiles, causal_offset)
 
 
-def schedule_from_visibility(visible: np.ndarray) -> TileSchedule:
-    """Rows of ``visible [heads, rows, cols]`` to lists of their True columns, ascending."""
+def schedule_from_visibility(visible: np.ndarray,
+                             partial: np.ndarray | None = None) -> TileSchedule:
+    """Rows of ``visible [heads, rows, cols]`` to lists of their True columns, ascending; with
+    ``partial`` (same shape), the listed tiles' partial flags too."""
     heads, rows, _ = visible.shape
     counts = visible.sum(-1).astype(np.int32)
     width = max(1, int(counts.max(initial=0)))
     indices = np.zeros((heads, rows, width), np.int32)
+    flags = None if partial is None else np.zeros((heads, rows, width), np.int32)
     for h in range(heads):
         for r in range(rows):
             cols = np.flatnonzero(visible[h, r])
             if cols.size:
                 indices[h, r, : cols.size] = cols
                 indices[h, r, cols.size:] = cols[-1]
+                if flags is not None:
+                    flags[h, r, : cols.size] = partial[h % partial.shape[0], r, cols]
     order = np.argsort(-counts, axis=-1, kind="stable").astype(np.int32)
-    return TileSchedule(indices, counts, order)
+    return TileSchedule(indices, counts, order, partial=flags)
 
 
 def grid(plan: KernelPlan, rows: int, batch: int, heads: int) -> tuple[int, int, int]:

@@ -19,6 +19,8 @@ Schedules whose rows are all short keep one program per row and no extra outputs
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +100,7 @@ def split_long_rows(schedule: TileSchedule, max_steps: int | None = None) -> Til
             parts[h, r, : len(slots)] = slots
     slots = int(parts.max(initial=-1)) + 1
     split = RowSplit(programs=programs, rows=rows, parts=parts, slots=slots)
-    return TileSchedule(schedule.indices, schedule.counts, schedule.order, split)
+    return dataclasses.replace(schedule, split=split)
 
 
 def _head_index(heads: int) -> np.ndarray:

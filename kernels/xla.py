@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, dense_mask
 
 # A large finite negative rather than -inf: a fully masked row then stays finite (its output is
 # zeroed below) instead of turning into NaN through inf - inf.
@@ -35,8 +36,12 @@ def attention_mask(
     key_mask: Bool[Array, "b k"] | None,
     block_mask: BlockMask | None,
     causal: bool,
+    mask_predicate: MaskPredicate | None = None,
+    batch: int = 1,
+    heads: int = 1,
 ) -> Bool[Array, "b h q k"] | None:
-    """The element mask [batch or 1, heads or 1, q, k] that the options stand for (None: all)."""
+    """The element mask [batch or 1, heads or 1, q, k] that the options stand for (None: all);
+    a mask predicate is evaluated for ``batch`` entries and ``heads`` heads."""
     mask = None
 
     def both(a, b):
@@ -46,6 +51,8 @@ def attention_mask(
         mask = key_mask[:, None, None, :]
     if block_mask is not None:
         mask = both(mask, jnp.asarray(block_mask.to_dense(q_len, k_len))[None])
+    if mask_predicate is not None:
+        mask = both(mask, dense_mask(mask_predicate, batch, heads, q_len, k_len))
     if causal:
         mask = both(mask, jnp.tril(jnp.ones((q_len, k_len), bool), k_len - q_len)[None, None])
     return mask
@@ -63,14 +70,17 @@ def xla_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     key_mask_is_prefix: bool = False,
+    mask_predicate: MaskPredicate | None = None,
 ) -> Float[Array, "b q h d"]:
     """Softmax attention computed densely; rows with no visible key return zeros. Any key mask
-    is applied as given (``key_mask_is_prefix`` changes nothing here)."""
+    is applied as given (``key_mask_is_prefix`` changes nothing here); a mask predicate is
+    evaluated for every (batch, head, query, key)."""
     del key_mask_is_prefix
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q.shape[1], k.shape[1], key_mask=key_mask, block_mask=block_mask,
-                          causal=causal)
+                          causal=causal, mask_predicate=as_predicate(mask_predicate),
+                          batch=q.shape[0], heads=q.shape[2])
     if mask is not None:
         logits = jnp.where(mask, logits, MASKED)
     weights = jax.nn.softmax(logits, axis=-1)
