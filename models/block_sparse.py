@@ -1,17 +1,18 @@
 """Block-sparse attention variants: Local attention, Longformer (Beltagy et al. 2020), BigBird
 (Zaheer et al. 2020) and the Sparse Transformer (Child et al. 2019).
 
-Each variant is a tile pattern (a ``BlockMask`` from ``kernels.masks``) over exact softmax
-attention, so all four share one core that hands the pattern to ``kernels.dot_product_attention``:
-the ``pallas`` kernels then compute only the marked tiles, the ``xla`` reference expands the
-pattern to an element mask. Patterns are host data fixed at trace time; they depend on the
-sequence length, so the core builds the pattern for its ``max_length`` and takes the top-left
-corner of it for shorter calls (every pattern here depends on tile indices only, so that corner
-is the pattern of the shorter length).
+Each variant is a token-level mask predicate (a ``MaskPredicate`` from ``kernels.predicates``)
+over exact softmax attention, so all four share one core that hands the pattern to
+``kernels.dot_product_attention``: the ``pallas`` kernels skip the tiles it leaves empty, run the
+full ones unmasked and evaluate it on the partial ones only; the ``xla`` reference evaluates it
+densely. Blocks of any size run on the kernels (the public LRA code's 50-token Local blocks and
+the Sparse Transformer's 10-token ones included) and windows are exact token windows.
 
-The kernels need tiles that are powers of two >= 16; a config whose block is not (e.g. the
-public LRA code's 50) still runs through ``xla``, and the dispatch logs why ``pallas`` was passed
-over.
+BigBird's random blocks are drawn per tile, as its paper defines them, so they are the
+predicate's tile part (``MaskPredicate.tiles``): host data fixed at trace time, drawn for
+``max_length``, of which shorter calls take the top-left corner. The kernels need that part's
+tiles to be powers of two >= 16; a BigBird block that is not still runs through ``xla``, and the
+dispatch logs why ``pallas`` was passed over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.config import ConfigError
-from xformers_zoo.kernels import BlockMask, dot_product_attention, masks
+from xformers_zoo.kernels import BlockMask, MaskPredicate, dot_product_attention, masks
+from xformers_zoo.kernels import predicates as pred
 from xformers_zoo.models.masked_softmax import dropout_key
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -38,7 +40,7 @@ def _num_tiles(length: int, block: int) -> int:
 class BlockSparseConfig:
     """Fields every block-sparse variant shares.
 
-    ``block``: tile size in tokens (the granularity of the pattern); ``implementation``: exact
+    ``block``: block size in tokens (the granularity of the pattern); ``implementation``: exact
     attention implementations to try in order (the block-sparse Pallas kernels first on GPUs, the
     XLA reference elsewhere).
     """
@@ -66,8 +68,9 @@ class BlockSparseConfig:
     def check_pattern(self, num_tiles: int) -> None:
         """Variant-specific limits on a grid of ``num_tiles`` x ``num_tiles`` tiles."""
 
-    def pattern(self, length: int, *, seed: int | None) -> BlockMask:
-        """The tile pattern for ``length`` tokens (``seed`` fixes random tiles, if any)."""
+    def pattern(self, length: int, *, seed: int | None) -> MaskPredicate:
+        """The mask predicate for ``length`` tokens (``seed`` fixes random tiles, if any; only
+        they depend on ``length``)."""
         raise NotImplementedError
 
 
@@ -84,17 +87,17 @@ class LocalConfig(BlockSparseConfig):
 
     look_back: bool = False
 
-    def pattern(self, length: int, *, seed: int | None) -> BlockMask:
-        del seed
-        return masks.local_blocks(length, self.block, look_back=int(self.look_back))
+    def pattern(self, length: int, *, seed: int | None) -> MaskPredicate:
+        del length, seed
+        return pred.local_blocks(self.block, look_back=int(self.look_back))
 
 
 @dataclasses.dataclass(frozen=True)
 class LongformerConfig(BlockSparseConfig):
     """Longformer (Beltagy et al. 2020, "Longformer: The Long-Document Transformer"): a sliding
-    window of ``window`` tokens (rounded out to whole tiles) plus global attention for the first
-    ``global_tiles`` tiles, which hold the CLS token at position 0. Globals are whole tiles, so
-    the first ``block`` tokens are global, not only CLS."""
+    window of ``window`` tokens (``window // 2`` on either side) plus global attention for the
+    first ``global_tiles`` blocks, which hold the CLS token at position 0. Globals are whole
+    blocks, so the first ``block`` tokens are global, not only CLS."""
 
     window: int = 512
     global_tiles: int = 1
@@ -105,11 +108,10 @@ class LongformerConfig(BlockSparseConfig):
             raise ConfigError(f"global_tiles ({self.global_tiles}) exceeds the {num_tiles} tiles "
                               f"of the sequence")
 
-    def pattern(self, length: int, *, seed: int | None) -> BlockMask:
-        del seed
-        # window 0 and 1 both mean "the diagonal tiles": the band is rounded out to tiles.
-        return masks.union(masks.sliding_window(length, max(self.window, 1), self.block),
-                           masks.global_tokens(length, self.global_tiles, self.block))
+    def pattern(self, length: int, *, seed: int | None) -> MaskPredicate:
+        del length, seed
+        return pred.union(pred.sliding_window(self.window),
+                          pred.global_tokens(self.global_tiles * self.block))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,20 +143,22 @@ class BigBirdConfig(BlockSparseConfig):
                 raise ConfigError(f"{name} ({value}) exceeds the {num_tiles} tiles of "
                                   f"block {self.block} in the sequence")
 
-    def pattern(self, length: int, *, seed: int | None) -> BlockMask:
+    def pattern(self, length: int, *, seed: int | None) -> MaskPredicate:
         if seed is None and self.num_random:
             raise ValueError("BigBird's random tiles need a seed")
         radius = self.window_tiles // 2
+        window_and_globals = pred.union(pred.block_window(self.block, radius),
+                                        pred.global_tokens(self.global_tiles * self.block))
+        if not self.num_random:
+            return window_and_globals
+        # As in the paper, random keys are drawn among the tiles the window and globals miss.
         # sliding_window keeps tiles whose nearest tokens are <= window // 2 apart: tiles r
         # apart have nearest tokens (r - 1) * block + 1 apart.
         window = 1 if radius == 0 else 2 * ((radius - 1) * self.block + 1)
-        fixed = masks.union(masks.sliding_window(length, window, self.block),
+        taken = masks.union(masks.sliding_window(length, window, self.block),
                             masks.global_tokens(length, self.global_tiles, self.block))
-        if not self.num_random:
-            return fixed
-        # As in the paper, random keys are drawn among the tiles the window and globals miss.
-        return masks.union(fixed, masks.random_blocks(length, self.num_random, self.block,
-                                                      seed=seed, exclude=fixed))
+        return window_and_globals.with_tiles(masks.random_blocks(
+            length, self.num_random, self.block, seed=seed, exclude=taken))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +167,7 @@ class SparseTransformerConfig(BlockSparseConfig):
     Transformers"). ``pattern_kind`` "fixed": tokens see their chunk of ``stride`` tokens and the
     last ``summary`` tokens of every chunk; "strided": the previous ``stride`` tokens and every
     ``stride``-th tile back, which only looks back and so needs ``causal``. ``causal``: queries
-    see only earlier keys. ``stride`` and
-    ``summary`` must be multiples of ``block``."""
+    see only earlier keys. ``stride`` and ``summary`` must be multiples of ``block``."""
 
     block: int = 16
     pattern_kind: str = "fixed"
@@ -188,11 +191,11 @@ class SparseTransformerConfig(BlockSparseConfig):
             raise ConfigError("the strided pattern only looks back: set causal=True or use "
                               "pattern_kind='fixed'")
 
-    def pattern(self, length: int, *, seed: int | None) -> BlockMask:
-        del seed
+    def pattern(self, length: int, *, seed: int | None) -> MaskPredicate:
+        del length, seed
         if self.pattern_kind == "strided":
-            return masks.strided(length, self.stride, self.block)
-        return masks.fixed(length, self.stride, self.summary, self.block)
+            return pred.strided(self.stride)
+        return pred.fixed(self.stride, self.summary)
 
 
 def _host_seed(rngs: nnx.Rngs) -> int | None:
@@ -206,15 +209,16 @@ def _host_seed(rngs: nnx.Rngs) -> int | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _corner(block_mask: BlockMask, num_tiles: int) -> BlockMask:
-    """The first ``num_tiles`` x ``num_tiles`` tiles of ``block_mask`` (cached per mask object
-    and size, so a traced call rebuilds nothing)."""
-    return BlockMask(block_mask.mask[:, :num_tiles, :num_tiles], block_mask.block_q,
-                     block_mask.block_k)
+def _corner(pattern: MaskPredicate, num_tiles: int) -> MaskPredicate:
+    """``pattern`` with the first ``num_tiles`` x ``num_tiles`` of its tiles (cached per pattern
+    object and size, so a traced call rebuilds nothing and its kernel schedules stay cached)."""
+    tiles = pattern.tiles
+    return pattern.with_tiles(BlockMask(tiles.mask[:, :num_tiles, :num_tiles], tiles.block_q,
+                                        tiles.block_k))
 
 
 class BlockSparseAttention(nnx.Module):
-    """Exact softmax attention restricted to a tile pattern given by the variant's config (see
+    """Exact softmax attention restricted to a token pattern given by the variant's config (see
     the module docstring for the four papers)."""
 
     def __init__(self, config: BlockSparseConfig, *, num_heads: int, head_dim: int,
@@ -225,27 +229,28 @@ class BlockSparseAttention(nnx.Module):
         self.max_length = max_length
         self.seed = _host_seed(rngs) if config.random_tiles else 0
         # None only when built abstractly without a concrete random draw.
-        self.block_mask = (None if self.seed is None
-                           else config.pattern(max_length, seed=self.seed))
+        self.pattern = (None if self.seed is None
+                        else config.pattern(max_length, seed=self.seed))
 
-    def mask_for(self, length: int) -> BlockMask:
-        """The tile pattern for a call of ``length`` tokens (<= max_length), cached per length."""
-        if self.block_mask is None:
+    def mask_for(self, length: int) -> MaskPredicate:
+        """The mask predicate for a call of ``length`` tokens (<= max_length); the same object
+        for every call of that length."""
+        if self.pattern is None:
             raise ValueError("this layer was built under abstract evaluation and has no random "
                              "tiles; build it with concrete rngs to run it")
         if length > self.max_length:
             raise ValueError(f"sequence of {length} tokens exceeds max_length={self.max_length} "
                              f"that this layer's block pattern was built for")
-        if length == self.max_length:
-            return self.block_mask
-        return _corner(self.block_mask, _num_tiles(length, self.config.block))
+        if length == self.max_length or self.pattern.tiles is None:
+            return self.pattern
+        return _corner(self.pattern, _num_tiles(length, self.config.block))
 
     def __call__(self, q: Float[Array, "b l h d"], k: Float[Array, "b l h d"],
                  v: Float[Array, "b l h d"], key_mask: Bool[Array, "b l"], *,
                  deterministic: bool, rngs: nnx.Rngs | None = None) -> Float[Array, "b l h d"]:
         key = dropout_key(rngs, self.dropout, deterministic)
         return dot_product_attention(
-            q, k, v, key_mask=key_mask, block_mask=self.mask_for(q.shape[1]),
+            q, k, v, key_mask=key_mask, mask_predicate=self.mask_for(q.shape[1]),
             causal=self.config.causal, dropout_rate=0.0 if key is None else self.dropout,
             dropout_rng=key, implementation=self.config.implementation, key_mask_is_prefix=True)
 
@@ -275,7 +280,7 @@ register_variant(
     "sparse-transformer", config_cls=SparseTransformerConfig,
     capabilities=Capabilities(fixed_length=True, causal=True),
     paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
-    # Fixed pattern with chunks of 50 tokens and c = 10 summary tokens: tiles of 10.
+    # Fixed pattern with chunks of 50 tokens and c = 10 summary tokens, blocks of 10.
     lra_overrides={"model.attention.pattern_kind": "fixed", "model.attention.block": 10,
                    "model.attention.stride": 50, "model.attention.summary": 10},
 )(BlockSparseAttention)

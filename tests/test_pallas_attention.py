@@ -27,8 +27,18 @@ from xformers_zoo.kernels.pallas_dropout import keep_mask
 SMALL_TILES = FlashTiles(PassTiles(32, 16), PassTiles(16, 32), PassTiles(32, 16))
 
 
+def predicate_pairs(predicate, batch, heads, n_q, n_k):
+    """A mask predicate evaluated in numpy over every (batch, head, query, key), its tiles
+    added: [b, h, q, k] bool."""
+    b, h, i, j = np.ix_(np.arange(batch), np.arange(heads), np.arange(n_q), np.arange(n_k))
+    pairs = np.broadcast_to(predicate.fn(b, h, i, j), (batch, heads, n_q, n_k))
+    if predicate.tiles is not None:
+        pairs = pairs | predicate.tiles.to_dense(n_q, n_k)[None]
+    return pairs
+
+
 def reference(q, k, v, d_out, *, key_mask=None, block_mask=None, causal=False,
-              dropout_rate=0.0, dropout_rng=None):
+              dropout_rate=0.0, dropout_rng=None, mask_predicate=None):
     """Softmax attention and its q, k, v gradients in float64 numpy (textbook formulas); with
     dropout, the kernels' keep mask (``keep_mask``) drops the weights."""
     q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
@@ -41,6 +51,8 @@ def reference(q, k, v, d_out, *, key_mask=None, block_mask=None, causal=False,
         visible = visible & block_mask.to_dense(n_q, n_k)[None]
     if causal:
         visible = visible & np.tril(np.ones((n_q, n_k), bool), n_k - n_q)
+    if mask_predicate is not None:
+        visible = visible & predicate_pairs(mask_predicate, q.shape[0], q.shape[2], n_q, n_k)
     s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
     s = np.where(visible, s, -np.inf)
     m = s.max(-1, keepdims=True)
