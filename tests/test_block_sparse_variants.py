@@ -1,7 +1,8 @@
 """The block-sparse variants (local, longformer, bigbird, sparse-transformer) against a float64
 dense masked-softmax reference built from their element masks, plus their limits: a window over
 the whole sequence is full attention, BigBird's random tiles are reproducible per seed and differ
-per layer, bad configs are refused, and tiles the Pallas kernels cannot take are explained."""
+per layer, bad configs are refused, the LRA presets (blocks of 50 and 10) go to the Pallas
+kernels, and tiles the kernels cannot take are explained."""
 
 import dataclasses
 
@@ -9,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_pallas_attention import SMALL_TILES
+from test_pallas_attention import reference as float64_reference
 
 import xformers_zoo as xz
 from xformers_zoo.config import ConfigError
-from xformers_zoo.kernels import AttentionCall, choose_implementation, masks
+from xformers_zoo.kernels import AttentionCall, choose_implementation, masks, pallas_attention
 from xformers_zoo.kernels.pallas_attention import INTERPRET_ENV
 from xformers_zoo.models.block_sparse import (
     BigBirdConfig,
@@ -59,8 +62,17 @@ def reference(q, k, v, allowed):
     return np.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def allowed_pairs(block_mask, key_mask, length, causal=False):
-    allowed = block_mask.to_dense(length, length)[None] & key_mask[:, None, None, :]
+def pattern_pairs(pattern, length):
+    """The pattern's (query, key) pairs [h or 1, length, length], evaluated in numpy."""
+    i, j = np.indices((length, length))
+    pairs = np.asarray(pattern.fn(0, 0, i, j))[None]
+    if pattern.tiles is not None:
+        pairs = pairs | pattern.tiles.to_dense(length, length)
+    return pairs
+
+
+def allowed_pairs(pattern, key_mask, length, causal=False):
+    allowed = pattern_pairs(pattern, length)[None] & key_mask[:, None, None, :]
     if causal:
         allowed = allowed & np.tri(length, dtype=bool)
     return allowed
@@ -70,19 +82,23 @@ def allowed_pairs(block_mask, key_mask, length, causal=False):
 @pytest.mark.parametrize("length", [100, 70])  # 70 < max_length: the pattern's corner is used
 def test_matches_dense_masked_softmax(name, length):
     core = build(name, SPARSE_CONFIGS[name], max_length=100)
-    bm = core.mask_for(length)
-    assert bm.density < 1.0  # the pattern really drops tiles
+    pattern = core.mask_for(length)
+    assert not pattern_pairs(pattern, length).all()  # the pattern really drops pairs
     q, k, v, key_mask = qkv_and_mask(length, real=(length, length - 23))
     out = core(q, k, v, key_mask, deterministic=True)
-    want = reference(q, k, v, allowed_pairs(bm, key_mask, length))
+    want = reference(q, k, v, allowed_pairs(pattern, key_mask, length))
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["local", "longformer", "sparse-transformer"])
+@pytest.mark.parametrize("name", sorted(SPARSE_CONFIGS))
 def test_shorter_calls_use_the_pattern_of_their_length(name):
-    config = SPARSE_CONFIGS[name]
-    core = build(name, config, max_length=100)
-    np.testing.assert_array_equal(core.mask_for(70).mask, config.pattern(70, seed=None).mask)
+    core = build(name, SPARSE_CONFIGS[name], max_length=100)
+    short = core.mask_for(70)
+    assert short is core.mask_for(70)  # one object per length: kernel schedules stay cached
+    if name == "bigbird":  # the random tiles drawn for 100 tokens, cut to 70
+        np.testing.assert_array_equal(short.tiles.mask, core.pattern.tiles.mask[:, :5, :5])
+    else:  # token predicates hold at every length
+        assert short is core.pattern
     with pytest.raises(ValueError, match="exceeds max_length=100"):
         core.mask_for(101)
 
@@ -92,7 +108,7 @@ def test_causal_strided_pattern_matches_reference():
     core = build("sparse-transformer", config, max_length=96)
     q, k, v, key_mask = qkv_and_mask(96, real=(96, 60))
     out = core(q, k, v, key_mask, deterministic=True)
-    want = reference(q, k, v, allowed_pairs(core.block_mask, key_mask, 96, causal=True))
+    want = reference(q, k, v, allowed_pairs(core.pattern, key_mask, 96, causal=True))
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
 
 
@@ -104,7 +120,7 @@ def test_window_over_whole_sequence_is_full_attention():
                           head_dim=HEAD_DIM, max_length=length, dropout=0.0, rngs=nnx.Rngs(0))
     want = full_core(q, k, v, key_mask, deterministic=True)
     core = build("longformer", LongformerConfig(block=16, window=2 * length), max_length=length)
-    assert core.block_mask.density == 1.0
+    assert pattern_pairs(core.pattern, length).all()
     out = core(q, k, v, key_mask, deterministic=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -115,23 +131,24 @@ def test_bigbird_random_tiles_fixed_by_seed_and_distinct_per_layer():
     def two_layers(seed):
         rngs = nnx.Rngs(seed)
         return [xz.VARIANTS.get("bigbird").core(config, num_heads=HEADS, head_dim=HEAD_DIM,
-                                                max_length=512, dropout=0.0, rngs=rngs).block_mask
+                                                max_length=512, dropout=0.0,
+                                                rngs=rngs).pattern.tiles
                 for _ in range(2)]
 
     first, second = two_layers(0), two_layers(0)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.mask, b.mask)
     assert not np.array_equal(first[0].mask, first[1].mask)
-    # Each query tile sees its own tile plus up to num_random others.
+    # Each query tile gets num_random tiles, never its own (the window already has it).
     per_row = first[0].mask[0].sum(-1)
-    assert per_row.min() >= 3 and per_row.max() <= 4
+    assert (per_row == 3).all() and not np.diagonal(first[0].mask[0]).any()
 
 
 def test_bigbird_window_tiles_are_the_neighbours():
-    bm = BigBirdConfig(block=16, window_tiles=3, global_tiles=0, num_random=0).pattern(160,
-                                                                                         seed=0)
-    qi, kj = np.indices(bm.mask.shape[1:])
-    np.testing.assert_array_equal(bm.mask[0], np.abs(qi - kj) <= 1)
+    pattern = BigBirdConfig(block=16, window_tiles=3, global_tiles=0,
+                            num_random=0).pattern(160, seed=0)
+    i, j = np.indices((160, 160))
+    np.testing.assert_array_equal(pattern_pairs(pattern, 160)[0], np.abs(i // 16 - j // 16) <= 1)
 
 
 @pytest.mark.parametrize("config,match", [
@@ -166,27 +183,65 @@ def test_lra_overrides_name_config_fields():
         spec.config_cls(**overrides).check(max_length=2000, num_heads=8, head_dim=64)
 
 
-def call_facts(block_mask):
-    return AttentionCall(backend="cpu", dtype="float32", batch=1, q_len=200, k_len=200,
-                         num_heads=HEADS, head_dim=HEAD_DIM, has_key_mask=True,
-                         block_mask=block_mask, causal=False, dropout_rate=0.0,
-                         key_mask_is_prefix=True)
+def call_facts(pattern, length=2000, dtype="bfloat16"):
+    return AttentionCall(backend="cpu", dtype=dtype, batch=1, q_len=length, k_len=length,
+                         num_heads=8, head_dim=64, has_key_mask=True, block_mask=None,
+                         causal=False, dropout_rate=0.0, key_mask_is_prefix=True,
+                         mask_predicate=pattern)
+
+
+def lra_config(name):
+    spec = xz.VARIANTS.get(name)
+    return spec.config_cls(**{key.removeprefix("model.attention."): value
+                              for key, value in spec.lra_overrides.items()})
+
+
+@pytest.mark.parametrize("name", ["local", "sparse-transformer", "longformer", "bigbird"])
+def test_lra_presets_select_pallas(name, monkeypatch):
+    """With ``--preset lra`` (Local's 50-token blocks, the Sparse Transformer's 10-token ones)
+    the patterns go to the Pallas kernels where they can run: on a GPU, or here in interpret
+    mode; without either, the dispatch says the kernels need a GPU."""
+    config = lra_config(name)
+    pattern = config.pattern(2000, seed=0)
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    impl, skipped = choose_implementation(call_facts(pattern), config.implementation)
+    assert impl.name == "xla" and "needs a CUDA GPU" in dict(skipped)["pallas"]
+    monkeypatch.setenv(INTERPRET_ENV, "1")  # get past the GPU check on a CPU
+    impl, _ = choose_implementation(call_facts(pattern), config.implementation)
+    assert impl.name == "pallas"
 
 
 def test_pallas_skip_reason_names_tile_rule(monkeypatch):
-    """Blocks of 50 (the public LRA local / sparse settings) are served by the XLA path, and the
-    dispatch says why the kernels passed: only powers of two >= 16 are accepted as tiles."""
-    monkeypatch.setenv(INTERPRET_ENV, "1")  # get past the GPU check on a CPU
-    local_50 = LocalConfig(block=50).pattern(200, seed=None)
-    impl, skipped = choose_implementation(call_facts(local_50), LocalConfig().implementation)
+    """BigBird's random blocks are whole tiles of the kernels: a block that is no power of two
+    >= 16 sends it to the XLA path, and the dispatch says why."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    config = BigBirdConfig(block=50, num_random=2)
+    impl, skipped = choose_implementation(call_facts(config.pattern(200, seed=0), 200),
+                                          config.implementation)
     assert impl.name == "xla"
-    reasons = dict(skipped)
-    assert "powers of two >= 16, got 50x50" in reasons["pallas"]
-    assert "cudnn" in reasons
-    # A power-of-two block goes to the block-sparse kernels.
-    impl, _ = choose_implementation(call_facts(masks.local_blocks(200, 64)),
-                                    LocalConfig().implementation)
-    assert impl.name == "pallas"
+    assert "powers of two >= 16, got 50x50" in dict(skipped)["pallas"]
+
+
+@pytest.mark.parametrize("name,config,length", [
+    ("local", LocalConfig(block=50), 130),
+    ("sparse-transformer", SparseTransformerConfig(block=10, stride=50, summary=10), 130),
+    ("longformer", LongformerConfig(block=16, window=21), 100),
+])
+def test_unaligned_patterns_run_on_kernels(name, config, length, monkeypatch):
+    """LRA's token patterns (blocks of 50 and 10, exact windows) on the Pallas kernels agree
+    with the reference, gradients included."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    config = dataclasses.replace(config, implementation=("pallas",))
+    core = build(name, config, max_length=length)
+    q, k, v, key_mask = qkv_and_mask(length, real=(length, 61), seed=5)
+    monkeypatch.setattr(pallas_attention, "default_tiles", lambda *args, **kwargs: SMALL_TILES)
+    d_out = np.asarray(jax.random.normal(jax.random.key(6), q.shape))
+    out, vjp = jax.vjp(lambda q, k, v: core(q, k, v, key_mask, deterministic=True), q, k, v)
+    want_out, want_grads = float64_reference(q, k, v, d_out, key_mask=key_mask,
+                                             mask_predicate=core.pattern)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=2e-5, atol=2e-5)
+    for got, want in zip(vjp(d_out), want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("look_back", [0, 1])
@@ -207,5 +262,5 @@ def test_block_sparse_kernels_serve_the_patterns(name, monkeypatch):
     core = build(name, config, max_length=96)
     q, k, v, key_mask = qkv_and_mask(96, real=(96, 50), seed=3)
     out = core(q, k, v, key_mask, deterministic=True)
-    want = reference(q, k, v, allowed_pairs(core.block_mask, key_mask, 96))
+    want = reference(q, k, v, allowed_pairs(core.pattern, key_mask, 96))
     np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
