@@ -202,3 +202,23 @@ def test_gpu_predicate_with_tiles_causal_dropout():
     run_and_check(46, batch=2, q_len=n, k_len=n, heads=heads, head_dim=64, dtype=jnp.bfloat16,
                   tol=2e-2, tiles=None, interpret=False, key_mask=key_mask, causal=True,
                   mask_predicate=predicate, dropout_rate=0.1, dropout_rng=jax.random.key(9))
+
+
+@pytest.mark.parametrize("causal,dropout_rate", [(False, 0.0), (True, 0.1)])
+def test_triton_kernels_with_predicate_lower_for_cuda(causal, dropout_rate):
+    """Lowering for the "cuda" platform needs no GPU and turns the kernel bodies (the in-kernel
+    predicate and its branch on partial tiles included) into Triton modules: all three kernels
+    of a forward and backward pass."""
+    x = jax.ShapeDtypeStruct((2, 1000, 2, 64), jnp.bfloat16)
+    key_mask = jax.ShapeDtypeStruct((2, 1000), jnp.bool_)
+
+    def forward_backward(q, k, v, key_mask):
+        out, vjp = jax.vjp(lambda q, k, v: pallas_attention(
+            q, k, v, key_mask=key_mask, mask_predicate=LRA_FIXED, causal=causal,
+            dropout_rate=dropout_rate, dropout_rng=jax.random.key(0) if dropout_rate else None,
+            interpret=False, kernels="triton"), q, k, v)
+        return vjp(out)
+
+    text = jax.jit(forward_backward).trace(x, x, x, key_mask).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
