@@ -1,6 +1,7 @@
 """Experiment configs: task bases with the public LRA values, presets, and their resolution."""
 
 from xformers_zoo.configs.base import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from xformers_zoo.configs.lra_tasks import TASK_CONFIGS
 from xformers_zoo.configs.presets import PRESETS
 from xformers_zoo.configs.resolve import (
     load_config,
@@ -9,7 +10,6 @@ from xformers_zoo.configs.resolve import (
     resolve_model_config,
     split_model_overrides,
 )
-from xformers_zoo.configs.tasks import TASK_CONFIGS
 
 __all__ = [
     "PRESETS",

@@ -1,6 +1,6 @@
 """The experiment config: model, training and data sections, each a typed frozen dataclass.
 
-Task bases (``configs/tasks.py``) fill these with the public LRA values; presets
+Task bases (``configs/lra_tasks.py``) fill these with the public LRA values; presets
 (``configs/presets.py``) and command-line overrides change fields by dotted name.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 Pooling = Literal["cls", "mean"]
 Positional = Literal["sinusoidal", "learned", "learned_2d", "none"]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from xformers_zoo.registry import Registry
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.variants import VARIANTS
 
 Preset = Callable[[str, str], Mapping[str, Any]]

@@ -9,12 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xformers_zoo import config as cfglib
-from xformers_zoo.config import ConfigError
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.configs.base import ExperimentConfig, ModelConfig
+from xformers_zoo.configs.lra_tasks import TASK_CONFIGS
 from xformers_zoo.configs.presets import PRESETS
-from xformers_zoo.configs.tasks import TASK_CONFIGS
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.overrides import ConfigError
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.variants import VARIANTS
 
 

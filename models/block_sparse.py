@@ -25,10 +25,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels import BlockMask, MaskPredicate, dot_product_attention, masks
 from xformers_zoo.kernels import predicates as pred
 from xformers_zoo.models.masked_softmax import dropout_key
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 

@@ -13,7 +13,7 @@ from xformers_zoo.configs.base import ModelConfig
 from xformers_zoo.layers.embeddings import make_positions
 from xformers_zoo.layers.encoder import Encoder
 from xformers_zoo.layers.heads import ClassifierHead, dual_features, pool
-from xformers_zoo.tasks import TaskSpec
+from xformers_zoo.task_specs import TaskSpec
 from xformers_zoo.variants import VARIANTS
 
 # Names a config may give ``model.dtype``, with the dtype each stands for.

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels.xla import attention_dropout
 from xformers_zoo.models.masked_softmax import dropout_key
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 Sharing = Literal["none", "headwise", "kv", "layerwise"]

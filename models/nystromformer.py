@@ -22,8 +22,8 @@ from einops import repeat
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels.xla import MASKED
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 

@@ -25,8 +25,8 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.models.linear import linear_attention
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 

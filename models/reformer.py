@@ -22,8 +22,8 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 # Score given to a query's own key: far below any real score, so self-attention only wins when

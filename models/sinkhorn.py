@@ -26,9 +26,9 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels.xla import MASKED
 from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 

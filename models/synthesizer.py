@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.models.masked_softmax import attend, dropout_key
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
 PAPER = "Tay et al. 2021, Synthesizer: Rethinking Self-Attention for Transformer Models"

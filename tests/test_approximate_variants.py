@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 import xformers_zoo as xz
-from xformers_zoo.config import ConfigError
 from xformers_zoo.kernels import xla_attention
 from xformers_zoo.layers.encoder import Encoder
 from xformers_zoo.models.linear import LinearAttention, LinearConfig
@@ -29,6 +28,7 @@ from xformers_zoo.models.performer import (
     draw_features,
     redraw_features,
 )
+from xformers_zoo.overrides import ConfigError
 
 B, N, H, D = 2, 64, 2, 16
 

@@ -91,7 +91,7 @@ def classifier(task_name: str):
     from xformers_zoo.configs.base import ModelConfig
     from xformers_zoo.models.classifier import Classifier
     from xformers_zoo.models.full import FullConfig
-    from xformers_zoo.tasks import TASKS
+    from xformers_zoo.task_specs import TASKS
 
     config = ModelConfig(variant="full", attention=FullConfig(implementation=("cudnn", "xla")),
                          num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=32, num_heads=2,

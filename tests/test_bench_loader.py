@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.configs import resolve_config
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.train import bench_loader
 
 TINY = ["train.batch_size=4", "model.num_layers=1", "model.num_heads=2", "model.emb_dim=16",

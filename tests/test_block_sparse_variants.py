@@ -14,7 +14,6 @@ from test_pallas_attention import SMALL_TILES
 from test_pallas_attention import reference as float64_reference
 
 import xformers_zoo as xz
-from xformers_zoo.config import ConfigError
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.kernels import AttentionCall, choose_implementation, masks, pallas_attention
 from xformers_zoo.kernels.pallas_attention import INTERPRET_ENV
@@ -24,6 +23,7 @@ from xformers_zoo.models.block_sparse import (
     LongformerConfig,
     SparseTransformerConfig,
 )
+from xformers_zoo.overrides import ConfigError
 
 HEADS, HEAD_DIM = 2, 16
 

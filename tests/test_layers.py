@@ -15,7 +15,7 @@ from xformers_zoo.kernels import (
 )
 from xformers_zoo.layers.embeddings import LearnedPositions2D, SinusoidalPositions
 from xformers_zoo.layers.heads import dual_features, pool
-from xformers_zoo.tasks import TaskSpec
+from xformers_zoo.task_specs import TaskSpec
 
 SMALL = dict(num_layers=1, num_heads=2, emb_dim=16, qkv_dim=16, mlp_dim=32, dropout=0.0,
              attention_dropout=0.0, dtype="float32")

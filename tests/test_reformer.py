@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xformers_zoo.config import ConfigError
 from xformers_zoo.models.reformer import SELF_SCORE, ReformerAttention, ReformerConfig
+from xformers_zoo.overrides import ConfigError
 
 HEADS, DIM = 2, 8
 

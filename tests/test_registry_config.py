@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 
 import xformers_zoo as xz
-from xformers_zoo import config as cfglib
-from xformers_zoo.config import ConfigError
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.configs import ExperimentConfig, load_config, resolve_config
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.registry import Registry, UnknownNameError
 
 

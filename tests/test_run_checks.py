@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from xformers_zoo import cli, data
-from xformers_zoo import config as cfglib
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import listops

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from xformers_zoo.config import ConfigError
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.train import sweep_cells
 from xformers_zoo.train.sweep_plan import cell_seconds, makespan
 from xformers_zoo.train.sweep_runner import detect_gpus, job_env

@@ -8,7 +8,7 @@ import pytest
 
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.data import fixtures
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.train import run
 from xformers_zoo.train.metrics import read_metrics
 

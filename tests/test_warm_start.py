@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xformers_zoo import config as cfglib
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.api import create_model
 from xformers_zoo.configs import TrainConfig, resolve_config
 from xformers_zoo.train import run

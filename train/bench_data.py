@@ -116,7 +116,7 @@ def pipeline_config(task: str, root: Path, rng: np.random.Generator,
     LRA length, written under ``root`` (generated, or in the official formats)."""
     from xformers_zoo.configs import resolve_config
     from xformers_zoo.data import fixtures
-    from xformers_zoo.tasks import TASKS
+    from xformers_zoo.task_specs import TASKS
 
     length = TASKS.get(task).max_length
     manual = root / "manual"
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from xformers_zoo.tasks import TASKS
+    from xformers_zoo.task_specs import TASKS
 
     workers = args.workers or os.cpu_count() or 1
     result = {

@@ -33,10 +33,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from xformers_zoo import config as cfglib
-from xformers_zoo.config import parse_assignments
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.kernels.dispatch import AttentionCall, choose_implementation
+from xformers_zoo.overrides import parse_assignments
 from xformers_zoo.train.bench_data import (
     batches_per_second,
     machine,
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(w < 0 for w in args.loader_workers):
         parser.error(f"--loader-workers takes counts of 0 or more, got {args.loader_workers}")
-    from xformers_zoo.tasks import TASKS
+    from xformers_zoo.task_specs import TASKS
 
     for task in args.tasks:
         TASKS.get(task)  # an unknown task fails here, naming the known ones

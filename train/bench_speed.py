@@ -38,8 +38,8 @@ def variant_and_overrides(name: str) -> tuple[str, list[str]]:
 
 def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     """Times one variant at one length in this process (the child side)."""
-    from xformers_zoo.config import parse_assignments
     from xformers_zoo.configs import resolve_config
+    from xformers_zoo.overrides import parse_assignments
     from xformers_zoo.train.bench_loader import attention_path
     from xformers_zoo.train.step_timing import is_out_of_memory, time_training_steps
 

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from xformers_zoo import config as cfglib
 from xformers_zoo import data
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.api import build_model, count_params
 from xformers_zoo.configs import ExperimentConfig, load_run_config
 from xformers_zoo.data.sources import effective_length

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 
 from xformers_zoo.configs import ExperimentConfig
 from xformers_zoo.data.sources import effective_length
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 
 def synthetic_batch(config: ExperimentConfig, batch_size: int, seed: int = 0

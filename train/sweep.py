@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from xformers_zoo.config import ConfigError
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.registry import UnknownNameError
 from xformers_zoo.train.sweep_cells import (
     Cell,

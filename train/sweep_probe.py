@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     name = Path(args.out).stem
     barrier = Path(args.barrier) if args.barrier else None
     try:
-        from xformers_zoo.config import parse_assignments
         from xformers_zoo.configs import resolve_config
+        from xformers_zoo.overrides import parse_assignments
         from xformers_zoo.train.step_timing import time_training_steps
 
         config = resolve_config(args.task, args.model, presets=args.preset,

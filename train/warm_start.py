@@ -21,7 +21,7 @@ from xformers_zoo.configs import load_run_config
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.layers.embeddings import LearnedPositions2D, upsample_grid
 from xformers_zoo.models.classifier import Classifier
-from xformers_zoo.tasks import TaskSpec
+from xformers_zoo.task_specs import TaskSpec
 from xformers_zoo.train.checkpoint import RunCheckpoints
 from xformers_zoo.train.optim import make_optimizer
 from xformers_zoo.train.sharding import replicate

@@ -11,7 +11,7 @@ from xformers_zoo.api import (
     param_count,
 )
 from xformers_zoo.registry import Registry, UnknownNameError
-from xformers_zoo.tasks import TASKS, TaskSpec
+from xformers_zoo.task_specs import TASKS, TaskSpec
 from xformers_zoo.variants import VARIANTS, Capabilities, VariantSpec, register_variant
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from flax import nnx
 
 from xformers_zoo.configs import ModelConfig, resolve_config, split_model_overrides
 from xformers_zoo.models.classifier import Classifier
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.variants import VARIANTS
 
 

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from xformers_zoo.config import ConfigError, parse_assignments
+from xformers_zoo.overrides import ConfigError, parse_assignments
 from xformers_zoo.registry import UnknownNameError
 
 # Subcommands whose implementation lives in its own module with a ``main(argv) -> int``.
@@ -45,7 +45,7 @@ def _quiet_libraries() -> None:
 def cmd_models(args) -> int:
     """Lists variants with capabilities and parameter counts per task."""
     import xformers_zoo as xz
-    from xformers_zoo.tasks import TASKS
+    from xformers_zoo.task_specs import TASKS
 
     tasks = [args.task] if args.task else TASKS.names()
     for task in tasks:
@@ -86,7 +86,7 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     """Trains one variant on one task and prints test accuracy beside the majority class."""
-    from xformers_zoo import config as cfglib
+    from xformers_zoo import overrides as cfglib
     from xformers_zoo.configs import resolve_config
     from xformers_zoo.train import run
 

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from xformers_zoo.config import ConfigError
+from xformers_zoo.overrides import ConfigError
 from xformers_zoo.registry import Registry
 
 

@@ -25,7 +25,7 @@ from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
 from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length
 from xformers_zoo.fs import check_writable_dir
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 log = logging.getLogger("xformers_zoo.data")
 

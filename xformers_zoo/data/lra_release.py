@@ -19,7 +19,7 @@ from jaxtyping import UInt8
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 LEVEL_DIRS = {"baseline": "curv_baseline", "contour9": "curv_contour_length_9",
               "contour14": "curv_contour_length_14"}

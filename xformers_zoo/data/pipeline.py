@@ -20,7 +20,7 @@ from absl import flags as absl_flags
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data.builder import data_source
 from xformers_zoo.data.sources import effective_length
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 
 def _pad(tokens: np.ndarray, length: int, task: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 CAPTION = 14  # pixel rows under each tile for its label
 CLASS_NAMES = {2: ("0: apart", "1: connected")}

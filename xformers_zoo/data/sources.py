@@ -19,7 +19,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.registry import Registry
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 
 Example = dict[str, Any]
 SPLITS = ("train", "validation", "test")

@@ -55,7 +55,7 @@ TASKS.register("image", TaskSpec(
     description="greyscale CIFAR-10, pixel values as tokens (Krizhevsky 2009)"))
 
 # Pathfinder (Linsley et al. 2018): pixel values as tokens. Pooling and positions live in the
-# task base configs (configs/tasks.py).
+# task base configs (configs/lra_tasks.py).
 for _name, _side, _what in (
         ("pathfinder32", 32, "Pathfinder 32x32"),
         ("pathfinder64", 64, "Pathfinder 64x64"),
