@@ -52,11 +52,11 @@ for stage in "$@"; do
   case $stage in
     build:*) IFS=: read -r _ task sizes <<< "$stage"; build "$task" ${sizes//:/ } || break ;;
     rates:*) sizes=${stage#rates:}
-             timeout "$(left)" python3 -m xformers_zoo.train.bench_data --workers 16 \
+             timeout "$(left)" python3 -m xformers_zoo bench data --workers 16 \
                --sizes ${sizes//,/ } --tasks --out "$out/bench_data_rates" \
                > "$out/bench_data_rates.log" 2>&1 || { tail -5 "$out/bench_data_rates.log"; break; }
              cat "$out/bench_data_rates.md" ;;
-    loader) timeout "$(left)" python3 -m xformers_zoo.train.bench_loader \
+    loader) timeout "$(left)" python3 -m xformers_zoo bench loader \
               --out "$out/bench_loader_gpu" ${LOADER_ARGS:-} > "$out/bench_loader.log" 2>&1
             rc=$?; cat "$out/bench_loader_gpu.md" 2>/dev/null; tail -3 "$out/bench_loader.log"
             [ $rc -eq 0 ] || break ;;

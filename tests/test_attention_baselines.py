@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xformers_zoo.bench.torch_peers import (
+    DENSE_PEERS,
+    SPARSE_PEER,
+    run_peers,
+    window_global_visible,
+)
 from xformers_zoo.kernels import (
     AttentionCall,
     describe_choice,
     dot_product_attention,
     masks,
     xla_attention,
-)
-from xformers_zoo.kernels.bench_torch import (
-    DENSE_PEERS,
-    SPARSE_PEER,
-    run_peers,
-    window_global_visible,
 )
 
 
@@ -134,7 +134,7 @@ def test_cores_without_no_mask_support_get_an_all_true_mask():
 
 
 def test_bench_rows_name_both_cudnn_calls():
-    from xformers_zoo.kernels.bench_impls import IMPLS
+    from xformers_zoo.bench.kernel_impls import IMPLS
 
     assert {"cudnn", "cudnn-lengths"} <= set(IMPLS)
     assert DENSE_PEERS == ("torch-cudnn", "torch-flex") and SPARSE_PEER == "torch-flex-sparse"
@@ -165,7 +165,7 @@ def test_torch_peers_skip_with_a_reason_when_torch_is_absent(tmp_path):
 
 
 def test_bench_report_says_why_torch_rows_are_missing(tmp_path):
-    from xformers_zoo.kernels.bench_report import write_markdown
+    from xformers_zoo.bench.kernel_report import write_markdown
 
     row = dict(n=1024, d=64, batch=16, heads=16, impl="cudnn", fwd_ms=1.0, fwd_tflops=1.0,
                fwd_bwd_ms=3.0, fwd_bwd_tflops=1.0)
@@ -185,7 +185,7 @@ def test_bench_report_says_why_torch_rows_are_missing(tmp_path):
 def test_torch_peer_rows_land_beside_their_shape(monkeypatch):
     """Peer rows come back as seconds and bytes; the bench turns them into rows like the JAX
     ones and puts each after the rows of its shape (dense) or window (block-sparse)."""
-    from xformers_zoo.train import bench_kernels
+    from xformers_zoo.bench import kernels as bench_kernels
 
     def fake_run_peers(shapes, *, peers, sparse_shape, windows, **_):
         rows = [dict(impl=p, n=n, d=d, batch=b, heads=h, fwd_seconds=1e-3, fwd_bytes=1 << 20,

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from xformers_zoo.bench import loader as bench_loader
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.overrides import ConfigError
-from xformers_zoo.train import bench_loader
 
 TINY = ["train.batch_size=4", "model.num_layers=1", "model.num_heads=2", "model.emb_dim=16",
         "model.qkv_dim=16", "model.mlp_dim=16", "data.train_size=8", "data.workers=1"]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from xformers_zoo.bench import speed as bench_speed
 from xformers_zoo.configs import resolve_config
-from xformers_zoo.train import bench_speed
 from xformers_zoo.train.step_timing import is_out_of_memory, synthetic_batch
 
 

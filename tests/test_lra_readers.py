@@ -7,12 +7,13 @@ import logging
 import pickle
 import tarfile
 
+import archive_fixtures as fixtures
 import numpy as np
 import pytest
 
 from xformers_zoo import data
 from xformers_zoo.configs.base import DataConfig
-from xformers_zoo.data import fixtures, image, listops, lra_release, text
+from xformers_zoo.data import image, listops, lra_release, text
 from xformers_zoo.data import pathfinder as pf
 
 

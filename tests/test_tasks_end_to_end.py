@@ -3,11 +3,11 @@ formats from fixtures written here, Pathfinder generated, through the one traine
 per-task code. Pathfinder-64, Path-X and Path-256 use linear attention: full attention over 4K,
 16K and 64K tokens is too slow or too large for a CPU test."""
 
+import archive_fixtures as fixtures
 import numpy as np
 import pytest
 
 from xformers_zoo.configs import resolve_config
-from xformers_zoo.data import fixtures
 from xformers_zoo.task_specs import TASKS
 from xformers_zoo.train import run
 from xformers_zoo.train.metrics import read_metrics

@@ -1,7 +1,7 @@
 """Timing the trainer's own jitted steps on a synthetic batch of a config's shapes.
 
 Shared by the sweep's dry-run probe (``train/sweep_probe.py``) and ``bench speed``
-(``train/bench_speed.py``): both need steps per second and peak device memory of exactly the
+(``xformers_zoo/bench/speed.py``): both need steps per second and peak device memory of exactly the
 step ``train.run`` would execute, without building the task's data set. Every token is real
 (no padding), the worst case the LRA speed protocol times.
 """

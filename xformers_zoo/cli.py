@@ -12,13 +12,9 @@ from collections.abc import Sequence
 from xformers_zoo.overrides import ConfigError, parse_assignments
 from xformers_zoo.registry import UnknownNameError
 
-# Subcommands whose implementation lives in its own module with a ``main(argv) -> int``.
+# Subcommands whose implementation lives in its own module with a ``main(argv) -> int``
+# (``bench NAME`` runs the benchmark registered under NAME in xformers_zoo.bench).
 DELEGATED = {
-    ("bench", "kernels"): "xformers_zoo.train.bench_kernels",
-    ("bench", "data"): "xformers_zoo.train.bench_data",
-    ("bench", "memory"): "xformers_zoo.train.bench_memory",
-    ("bench", "loader"): "xformers_zoo.train.bench_loader",
-    ("bench", "speed"): "xformers_zoo.train.bench_speed",
     ("data", "show"): "xformers_zoo.data.show",
     ("data", "stats"): "xformers_zoo.data.stats",
 }
@@ -175,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="train tasks x variants x seeds (see sweep --help)",
                    add_help=False)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels | data | memory | loader | speed")
+    from xformers_zoo.bench import BENCHMARKS
+
+    p = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHMARKS.names())}")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    for name in ("kernels", "data", "memory", "loader", "speed"):
-        bench_sub.add_parser(name, add_help=False)
+    for name, bench in BENCHMARKS.items():
+        bench_sub.add_parser(name, help=f"{bench.help} (see --help)", add_help=False)
     return parser
 
 
@@ -207,6 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xformers-zoo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     words = [a for a in argv if not a.startswith("-")]
+    if len(words) >= 2 and words[0] == "bench":
+        from xformers_zoo.bench import BENCHMARKS
+
+        try:
+            bench = BENCHMARKS.get(words[1])
+        except UnknownNameError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        _quiet_libraries()
+        return bench.main(argv[argv.index(words[1]) + 1:])
     if len(words) >= 2 and (words[0], words[1]) in DELEGATED:
         module = importlib.import_module(DELEGATED[(words[0], words[1])])
         rest = argv[argv.index(words[1]) + 1:]

@@ -1,8 +1,16 @@
-"""One small generic registry, shared by attention variants, kernel implementations, tasks and
-presets, so that every name a user can type is looked up (and rejected) the same way."""
+"""One small generic registry, shared by attention variants, kernel implementations, tasks, task
+configs, presets, data sources and benchmarks, so that every name a user can type is looked up
+(and rejected) the same way.
+
+Every registry is filled the same way: a decorator in the module that defines the entry, and
+that module found by its package's ``__init__`` calling ``import_submodules(__name__)``. Adding
+a variant, task, kernel implementation or benchmark is therefore one new module; no list of
+imports names it."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -64,3 +72,14 @@ class Registry(Generic[T]):
     def items(self):
         """(name, entry) pairs in registration order."""
         return self._entries.items()
+
+
+def import_submodules(package: str) -> list[str]:
+    """Imports every module of ``package`` (not of its subpackages), in name order, so that the
+    registration decorators in them run; returns the modules' full names. A package's
+    ``__init__`` calls it with its own ``__name__``."""
+    modules = [info.name for info in
+               pkgutil.iter_modules(importlib.import_module(package).__path__, f"{package}.")]
+    for name in modules:
+        importlib.import_module(name)
+    return modules

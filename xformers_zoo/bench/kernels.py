@@ -5,13 +5,14 @@ heads x D = ``--width``, as in the FlashAttention-2 paper's benchmarks) it times
 and forward + backward of ``pallas`` (kernels/pallas_*.py), ``cudnn`` (the plain call, the
 baseline of every ratio), ``cudnn-lengths`` (the same with a key mask as sequence lengths),
 ``xla``, JAX's bundled Pallas attentions (Triton ``mha`` and Mosaic GPU ``attention_mgpu``) and,
-where PyTorch is installed, PyTorch's cuDNN attention and FlexAttention (kernels/bench_torch.py,
-timed in a child process as a PyTorch user would time them), reports TFLOP/s
+where PyTorch is installed, PyTorch's cuDNN attention and FlexAttention (``torch_peers``, timed
+in a child process as a PyTorch user would time them), reports TFLOP/s
 (4 B H N^2 D forward, 2.5x that backward), the compiled program's device memory, and two floors:
 FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwidth. A second
 table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
 a PNG plot. ``--dropout-rate`` adds rows with attention dropout for the implementations that
-take it (pallas, xla). Runs as ``python -m xformers_zoo.train.bench_kernels`` or as a script.
+take it (pallas, xla). Runs as ``xformers-zoo bench kernels``
+(``python -m xformers_zoo bench kernels``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xformers_zoo.bench.kernel_impls import DROPOUT_IMPLS, IMPLS, make_inputs, parse_tiles
+from xformers_zoo.bench.kernel_report import write_markdown, write_plot
+from xformers_zoo.bench.registry import register_benchmark
+from xformers_zoo.bench.torch_peers import DENSE_PEERS, PEERS, SPARSE_PEER, run_peers
 from xformers_zoo.kernels import masks
-from xformers_zoo.kernels.bench_impls import DROPOUT_IMPLS, IMPLS, make_inputs, parse_tiles
-from xformers_zoo.kernels.bench_report import write_markdown, write_plot
-from xformers_zoo.kernels.bench_torch import DENSE_PEERS, PEERS, SPARSE_PEER, run_peers
 
 
 def median_seconds(fn, args, repeats: int, sample_seconds: float = 0.02) -> float:
@@ -197,8 +199,8 @@ def sparse_rows(args, ceil) -> list[dict]:
 
 
 def add_torch_peers(args, ceil, report: dict) -> None:
-    """Runs the PyTorch peer rows (kernels/bench_torch.py) in a child process and puts each
-    after the JAX rows of its shape (dense) or window (block-sparse); ``report["torch"]`` says
+    """Runs the PyTorch peer rows (``torch_peers``) in a child process and puts each after the
+    JAX rows of its shape (dense) or window (block-sparse); ``report["torch"]`` says
     which PyTorch ran them, or why none did."""
     shapes = [(n, d, max(1, args.tokens // n), max(1, args.width // d))
               for n in args.seq_lens for d in args.head_dims]
@@ -232,7 +234,7 @@ def parse_args(argv):
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--impls", nargs="+", default=[*IMPLS, *PEERS], choices=[*IMPLS, *PEERS],
-                   help="rows to time; torch-* are PyTorch's (kernels/bench_torch.py)")
+                   help="rows to time; torch-* are PyTorch's (xformers_zoo/bench/torch_peers.py)")
     p.add_argument("--pallas-tiles", nargs="*", default=[],
                    help="extra pallas rows: 'q,k,warps,stages[,max_steps]' for forward/kv "
                         "grads/q grads, '/'-separated (max_steps: split block-sparse rows "
@@ -259,6 +261,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@register_benchmark("kernels", help="attention kernels side by side (forward, forward+backward)")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and writes ``<out>/<name>.{json,md,png}``; returns an exit status."""
     args = parse_args(argv)
@@ -285,6 +288,3 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / f"{args.name}.md").read_text())
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

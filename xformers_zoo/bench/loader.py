@@ -14,7 +14,8 @@ The loader is the bottleneck where (1) is below (2), and (3) then falls short of
 whose step does not fit the device memory is retried with twice the gradient accumulation (the
 same batch in more micro-batches) until it fits; the table says which was used.
 
-Writes JSON and Markdown to ``--out``. Runs as ``python -m xformers_zoo.train.bench_loader``.
+Writes JSON and Markdown to ``--out``. Runs as ``xformers-zoo bench loader``
+(``python -m xformers_zoo bench loader``).
 """
 
 from __future__ import annotations
@@ -34,15 +35,12 @@ import jax
 import numpy as np
 
 from xformers_zoo import overrides as cfglib
+from xformers_zoo.bench.data import batches_per_second, pipeline_config, pipeline_tasks
+from xformers_zoo.bench.registry import register_benchmark
+from xformers_zoo.bench.report import machine, write_results
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.kernels.dispatch import AttentionCall, choose_implementation
 from xformers_zoo.overrides import parse_assignments
-from xformers_zoo.train.bench_data import (
-    batches_per_second,
-    machine,
-    pipeline_config,
-    write_results,
-)
 from xformers_zoo.train.step_timing import is_out_of_memory
 
 DEFAULT_TASKS = ("image", "pathfinder32", "pathfinder64", "pathx", "listops")
@@ -121,12 +119,12 @@ def compiled_setup(config, batch: dict[str, np.ndarray]):
 
 
 def bench_task(task: str, root: Path, overrides: dict[str, str], loader_workers: list[int],
-               seconds: float, min_steps: int) -> dict:
+               seconds: float, min_steps: int, manual_dir: Path | None = None) -> dict:
     """Loader, step and fed-step rates of ``task`` (see the module docstring)."""
     from xformers_zoo import data
     from xformers_zoo.train.sharding import shard_batch
 
-    config = pipeline_config(task, root / task, np.random.default_rng(0), overrides)
+    config = pipeline_config(task, root / task, manual_dir, overrides)
     data.prepare(config.data)
     batch_size = config.train.batch_size
     row = {"task": task, "variant": config.model.variant,
@@ -203,11 +201,15 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@register_benchmark("loader", help="is the input pipeline the bottleneck of a training step?")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and writes the results; returns the exit status."""
     parser = argparse.ArgumentParser(prog="xformers-zoo bench loader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"default: {' '.join(DEFAULT_TASKS)} (image with --manual-dir)")
+    parser.add_argument("--manual-dir", type=Path,
+                        help="the official files of Text, Retrieval and Image")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 4],
                         help="loader worker counts to time (0: in the training process)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
@@ -223,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--loader-workers takes counts of 0 or more, got {args.loader_workers}")
     from xformers_zoo.task_specs import TASKS
 
+    args.tasks = pipeline_tasks(args.tasks, list(DEFAULT_TASKS), args.manual_dir)
     for task in args.tasks:
         TASKS.get(task)  # an unknown task fails here, naming the known ones
     shared, per_task = parse_overrides(args.overrides)
     device = jax.devices()[0]
     result = {
-        "command": " ".join(["python -m xformers_zoo.train.bench_loader",
+        "command": " ".join(["xformers-zoo bench loader",
                              *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(), "device": f"{device.platform} {device.device_kind}",
@@ -239,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             result["tasks"].append(bench_task(task, Path(tmp), shared | per_task.get(task, {}),
                                               args.loader_workers, args.seconds,
-                                              args.min_steps))
+                                              args.min_steps, args.manual_dir))
             # after every task: a run cut short by a time limit keeps what it measured
             write_results(result, Path(args.out), write_markdown)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """Small files in each official format (IMDb tarball, CIFAR-10 python tarball, AAN TSVs, LRA
-release Pathfinder folders), written from given or random content. Tests build their fixtures
-with these, and the data benchmark uses them to time the pipeline of tasks whose real files
-are not at hand."""
+release Pathfinder folders), written from given or random content, from which the tests build
+their data sets."""
 
 from __future__ import annotations
 

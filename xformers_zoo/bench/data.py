@@ -7,10 +7,12 @@
    extrapolated from these rates, not measured.
 2. The grain input pipeline at each task's LRA length: examples per second of training batches
    (shuffle, pad, mask, batch, assembled by the config's loader workers) read back from a small
-   built data set (generated, or written in the official formats for Text, Retrieval and
-   Image). ``bench loader`` sets these rates beside the training step on an accelerator.
+   built data set (generated, or read from the official files in ``--manual-dir`` for Text,
+   Retrieval and Image). ``bench loader`` sets these rates beside the training step on an
+   accelerator.
 
-Writes JSON and Markdown to ``--out``. Runs as ``python -m xformers_zoo.train.bench_data``.
+Writes JSON and Markdown to ``--out``. Runs as ``xformers-zoo bench data``
+(``python -m xformers_zoo bench data``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xformers_zoo.bench.registry import register_benchmark
+from xformers_zoo.bench.report import machine, write_results
 from xformers_zoo.data.pathfinder import RESOLUTIONS, draw_images
 from xformers_zoo.data.pathfinder_source import LRA_SIZES, chunk_size, generate
 
@@ -34,17 +37,6 @@ FULL_SET = sum(LRA_SIZES)
 # Images timed per resolution: on one core, and per worker on every core.
 SINGLE = {32: 300, 64: 150, 128: 150, 256: 60}
 PER_WORKER = {32: 256, 64: 128, 128: 128, 256: 48}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_generation(size: int, workers: int, scale: float) -> dict:
@@ -102,39 +94,42 @@ def time_build(size: int, workers: int, scale: float, root: Path) -> dict:
             "build_full_set_minutes_extrapolated": (startup + FULL_SET / rate) / 60}
 
 
-def machine() -> dict:
-    """The host and its load, written beside every data-layer figure."""
-    return {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            # other work on the machine slows every number down
-            "load_average_at_start": os.getloadavg()[0]}
+def needs_files(task: str) -> bool:
+    """Whether ``task``'s public config reads official files (``data.manual_dir``)."""
+    from xformers_zoo.configs import resolve_config
+
+    return resolve_config(task, "full").data.source == "official"
 
 
-def pipeline_config(task: str, root: Path, rng: np.random.Generator,
+def pipeline_tasks(requested: list[str] | None, default: list[str],
+                   manual_dir: Path | None) -> list[str]:
+    """The tasks to time: those ``requested``, else those of ``default`` whose data can be made
+    here (generated, or read from ``manual_dir``)."""
+    if requested is not None:
+        return requested
+    skipped = [t for t in default if manual_dir is None and needs_files(t)]
+    if skipped:
+        print(f"skipping {', '.join(skipped)}: they read official files (pass --manual-dir)",
+              flush=True)
+    return [t for t in default if t not in skipped]
+
+
+def pipeline_config(task: str, root: Path, manual_dir: Path | None,
                     overrides: dict | None = None):
     """The public config of ``task`` (with ``overrides``) reading a small data set at the task's
-    LRA length, written under ``root`` (generated, or in the official formats)."""
+    LRA length, built under ``root``: generated, or read from the official files in
+    ``manual_dir`` (a task that needs them and has none raises ValueError)."""
     from xformers_zoo.configs import resolve_config
-    from xformers_zoo.data import fixtures
-    from xformers_zoo.task_specs import TASKS
 
-    length = TASKS.get(task).max_length
-    manual = root / "manual"
-    manual.mkdir(parents=True, exist_ok=True)
-    if task == "text":
-        fixtures.write_imdb(manual, {p: [(fixtures.random_text(rng, length // 2, 2 * length),
-                                          i % 2) for i in range(256)] for p in ("train", "test")})
-    elif task == "retrieval":
-        fixtures.write_aan(manual, {s: [(i % 2, fixtures.random_text(rng, length // 2, 2 * length),
-                                         fixtures.random_text(rng, length // 2, 2 * length))
-                                        for i in range(256)]
-                                    for s in ("train", "validation", "test")})
-    elif task == "image":
-        fixtures.write_cifar(manual, rng, per_batch=100, n_test=50)
-    batch_size = resolve_config(task, "full").train.batch_size
-    small = {"data.data_dir": str(root / "data"), "data.manual_dir": str(manual),
-             "data.train_size": max(batch_size, 64 if task == "path256" else 256),
+    config = resolve_config(task, "full")
+    if manual_dir is None and needs_files(task):
+        raise ValueError(f"bench data: {task} reads its official files; pass --manual-dir with "
+                         "them, or leave it out of --tasks")
+    small = {"data.data_dir": str(root / "data"),
+             "data.train_size": max(config.train.batch_size, 64 if task == "path256" else 256),
              "data.val_size": 8, "data.test_size": 8}
+    if manual_dir is not None:
+        small["data.manual_dir"] = str(manual_dir)
     return resolve_config(task, "full", overrides=small | (overrides or {}))
 
 
@@ -154,13 +149,13 @@ def batches_per_second(data_config, batch_size: int, seconds: float) -> float:
     return rate
 
 
-def time_pipeline(task: str, root: Path, seconds: float) -> dict:
+def time_pipeline(task: str, root: Path, seconds: float, manual_dir: Path | None = None) -> dict:
     """Examples per second of ``task``'s training batches at its LRA length (with the
     config's loader workers)."""
     from xformers_zoo import data
     from xformers_zoo.data.sources import effective_length
 
-    config = pipeline_config(task, root / task, np.random.default_rng(0))
+    config = pipeline_config(task, root / task, manual_dir)
     data.prepare(config.data)
     batch_size = config.train.batch_size
     rate = batches_per_second(config.data, batch_size, seconds)
@@ -203,14 +198,7 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_results(result: dict, out: Path, markdown) -> None:
-    """Writes ``result`` to ``out``.json and, through ``markdown(result, path)``, ``out``.md."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown(result, out.with_suffix(".md"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
-
+@register_benchmark("data", help="Pathfinder generation and grain pipeline rates")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and writes the results; returns the exit status."""
     parser = argparse.ArgumentParser(prog="xformers-zoo bench data", description=__doc__,
@@ -223,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="pipeline tasks (default: all; none to skip)")
     parser.add_argument("--seconds", type=float, default=3.0, help="pipeline time per task")
+    parser.add_argument("--manual-dir", type=Path,
+                        help="the official files of Text, Retrieval and Image (they are left "
+                             "out of the default tasks without it)")
     parser.add_argument("--out", default="results/bench_data",
                         help="output path without extension (.json and .md are written)")
     args = parser.parse_args(argv)
@@ -232,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = args.workers or os.cpu_count() or 1
     result = {
-        "command": " ".join(["python -m xformers_zoo.train.bench_data", *(argv or sys.argv[1:])]),
+        "command": " ".join(["xformers-zoo bench data", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "jax_version": jax.__version__, "numpy_version": np.__version__,
         "generation": [], "pipeline": [],
     }
-    tasks = TASKS.names() if args.tasks is None else args.tasks
+    tasks = pipeline_tasks(args.tasks, TASKS.names(), args.manual_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             row = time_generation(size, workers, args.scale)
@@ -246,12 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             result["generation"].append(row)
             print(json.dumps(row), flush=True)
         for task in tasks:
-            row = time_pipeline(task, Path(tmp), args.seconds)
+            row = time_pipeline(task, Path(tmp), args.seconds, args.manual_dir)
             result["pipeline"].append(row)
             print(json.dumps(row), flush=True)
     write_results(result, Path(args.out), write_markdown)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

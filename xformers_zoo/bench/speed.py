@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xformers_zoo.train.bench_data import machine, write_results
+from xformers_zoo.bench.registry import register_benchmark
+from xformers_zoo.bench.report import machine, write_results
 
 BASELINES = {"full-xla": ("full", ["model.attention.implementation=xla"])}
 LENGTHS, LONG = [1024, 2048, 3072, 4096], [8192, 16384]
@@ -38,9 +39,9 @@ def variant_and_overrides(name: str) -> tuple[str, list[str]]:
 
 def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     """Times one variant at one length in this process (the child side)."""
+    from xformers_zoo.bench.loader import attention_path
     from xformers_zoo.configs import resolve_config
     from xformers_zoo.overrides import parse_assignments
-    from xformers_zoo.train.bench_loader import attention_path
     from xformers_zoo.train.step_timing import is_out_of_memory, time_training_steps
 
     variant, extra = variant_and_overrides(args.one)
@@ -61,7 +62,7 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cell(args: argparse.Namespace, name: str, length: int) -> dict[str, Any]:
     """Runs one variant at one length in a child process and returns its row."""
-    command = [sys.executable, "-m", "xformers_zoo.train.bench_speed", "--one", name,
+    command = [sys.executable, "-m", "xformers_zoo", "bench", "speed", "--one", name,
                "--length", str(length), "--task", args.task, "--batch", str(args.batch),
                "--steps", str(args.steps), "--seconds", str(args.seconds),
                *(a for p in args.preset for a in ("--preset", p)), *args.overrides]
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@register_benchmark("speed", help="training speed and memory of every variant (LRA Table 2)")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark (or, with ``--one``, one cell) and writes the results."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -224,6 +226,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

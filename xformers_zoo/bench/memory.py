@@ -7,19 +7,19 @@ For each layer count it compiles ``grad(loss)`` of an encoder over one batch and
 compiled program's temporary buffer size (activations and workspace; parameters, inputs and
 outputs are counted separately by XLA). Reversible layers should keep that roughly flat as
 layers grow, where plain layers grow linearly. Runs as
-``python -m xformers_zoo.train.bench_memory`` and prints a Markdown table.
+``xformers-zoo bench memory`` and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xformers_zoo.bench.registry import register_benchmark
 from xformers_zoo.configs import ModelConfig, resolve_model_config
 from xformers_zoo.layers.encoder import Encoder
 from xformers_zoo.variants import VARIANTS
@@ -53,9 +53,11 @@ def temp_bytes(args: argparse.Namespace, layers: int, mode: str) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+@register_benchmark("memory", help="activation memory: plain, remat, reversible, chunked FFN")
 def main(argv: list[str] | None = None) -> int:
     """Prints a Markdown table of compiled temp memory (MiB) per mode and layer count."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="xformers-zoo bench memory",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="full")
     parser.add_argument("--layers", default="1,2,4,8", help="comma-separated layer counts")
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
@@ -82,6 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | " + " | ".join(f"{s:.1f}" for s in sizes) + " |", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

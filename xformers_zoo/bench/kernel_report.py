@@ -1,4 +1,4 @@
-"""Markdown table and PNG plot of a ``bench kernels`` report (see train/bench_kernels.py)."""
+"""Markdown table and PNG plot of a ``bench kernels`` report (see xformers_zoo/bench/kernels.py)."""
 
 from __future__ import annotations
 

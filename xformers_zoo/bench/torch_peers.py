@@ -188,7 +188,8 @@ def run_peers(dense_shapes, *, peers=DENSE_PEERS, sparse_shape=None, windows=(),
     batch, heads). Returns (rows with ``<mode>_seconds`` / ``<mode>_bytes`` or
     ``<mode>_error``, the PyTorch build that ran them or None, why no rows or only some were
     measured or None)."""
-    cmd = [python, str(Path(__file__).resolve()), "--block", str(block),
+    # -P keeps this file's folder (modules named data, kernels...) off the child's import path.
+    cmd = [python, "-P", str(Path(__file__).resolve()), "--block", str(block),
            "--global-tiles", str(global_tiles), "--repeats", str(repeats),
            "--peers", *peers, "--dense", *(",".join(map(str, s)) for s in dense_shapes)]
     if sparse_shape is not None and windows:
