@@ -1,7 +1,8 @@
-"""Experiment configs: task bases with the public LRA values, presets, and their resolution."""
+"""Experiment configs: the tasks with their base configs (public LRA values), presets, and their
+resolution. Importing this package imports every module in it, so that the tasks and presets
+they register (``@register_task``, ``@PRESETS.decorator``) are known."""
 
 from xformers_zoo.configs.base import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from xformers_zoo.configs.lra_tasks import TASK_CONFIGS
 from xformers_zoo.configs.presets import PRESETS
 from xformers_zoo.configs.resolve import (
     load_config,
@@ -10,6 +11,10 @@ from xformers_zoo.configs.resolve import (
     resolve_model_config,
     split_model_overrides,
 )
+from xformers_zoo.registry import import_submodules
+from xformers_zoo.task_specs import TASK_CONFIGS
+
+import_submodules(__name__)
 
 __all__ = [
     "PRESETS",

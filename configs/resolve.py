@@ -11,10 +11,9 @@ from typing import Any
 
 from xformers_zoo import overrides as cfglib
 from xformers_zoo.configs.base import ExperimentConfig, ModelConfig
-from xformers_zoo.configs.lra_tasks import TASK_CONFIGS
 from xformers_zoo.configs.presets import PRESETS
 from xformers_zoo.overrides import ConfigError
-from xformers_zoo.task_specs import TASKS
+from xformers_zoo.task_specs import TASK_CONFIGS, TASKS
 from xformers_zoo.variants import VARIANTS
 
 

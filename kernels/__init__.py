@@ -1,8 +1,9 @@
 """How exact (optionally block-sparse) softmax attention is computed: ``xla`` (reference),
-``cudnn`` and ``pallas`` implementations behind one ``dot_product_attention``."""
+``cudnn`` and ``pallas`` implementations behind one ``dot_product_attention``. Each implementation
+registers itself (``@register_implementation``) in its own module; importing this package imports
+them all."""
 
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.cudnn import cudnn_attention, cudnn_call_form, cudnn_rejects
 from xformers_zoo.kernels.dispatch import (
     IMPLEMENTATIONS,
     AttentionCall,
@@ -11,20 +12,13 @@ from xformers_zoo.kernels.dispatch import (
     choose_implementation,
     describe_choice,
     dot_product_attention,
+    register_implementation,
 )
 from xformers_zoo.kernels.mask_predicate import MaskPredicate
-from xformers_zoo.kernels.pallas_attention import pallas_attention as pallas_flash_attention
-from xformers_zoo.kernels.pallas_attention import pallas_rejects
 from xformers_zoo.kernels.xla import xla_attention
+from xformers_zoo.registry import import_submodules
 
-IMPLEMENTATIONS.register(
-    "xla", KernelImpl("xla", xla_attention, lambda call: None, "dense XLA reference"))
-IMPLEMENTATIONS.register(
-    "cudnn", KernelImpl("cudnn", cudnn_attention, cudnn_rejects, "cuDNN fused attention",
-                        form=cudnn_call_form))
-IMPLEMENTATIONS.register(
-    "pallas", KernelImpl("pallas", pallas_flash_attention, pallas_rejects,
-                         "FlashAttention-2 Pallas kernels, dense and block-sparse"))
+import_submodules(__name__)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -36,5 +30,6 @@ __all__ = [
     "choose_implementation",
     "describe_choice",
     "dot_product_attention",
+    "register_implementation",
     "xla_attention",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformers_zoo.kernels.dispatch import AttentionCall
+from xformers_zoo.kernels.dispatch import AttentionCall, register_implementation
 
 
 def cudnn_rejects(call: AttentionCall) -> str | None:
@@ -52,6 +52,8 @@ def cudnn_call_form(call: AttentionCall) -> str:
                                             k_len=call.k_len) else "plain"
 
 
+@register_implementation("cudnn", rejects=cudnn_rejects, description="cuDNN fused attention",
+                         form=cudnn_call_form)
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
                     dropout_rate=0.0, dropout_rng=None, key_mask_is_prefix=True,
                     mask_predicate=None):

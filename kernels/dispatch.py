@@ -1,8 +1,9 @@
 """``dot_product_attention``: exact (optionally block-sparse) softmax attention through the first
 implementation, of those requested, that can serve the call, saying why it passed over the others.
 
-Implementations register a ``KernelImpl`` in ``IMPLEMENTATIONS``: a ``rejects`` check that returns
-a reason (or None) from static facts (backend, dtype, shapes, options) and the function itself.
+Implementations register a ``KernelImpl`` in ``IMPLEMENTATIONS`` by decorating their attention
+function with ``@register_implementation``: a ``rejects`` check that returns a reason (or None)
+from static facts (backend, dtype, shapes, options) and the function itself.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ class KernelImpl:
 
 
 IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")
+
+
+def register_implementation(
+    name: str,
+    *,
+    rejects: Callable[[AttentionCall], str | None],
+    description: str,
+    form: Callable[[AttentionCall], str] | None = None,
+) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
+    """Decorator registering an attention function as implementation ``name`` (see
+    ``KernelImpl`` for ``rejects`` and ``form``); returns the function unchanged."""
+
+    def wrap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        IMPLEMENTATIONS.register(name, KernelImpl(name, fn, rejects, description, form=form))
+        return fn
+
+    return wrap
 _explained: set[tuple] = set()
 
 

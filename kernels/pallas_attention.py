@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.dispatch import AttentionCall
+from xformers_zoo.kernels.dispatch import AttentionCall, register_implementation
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, tile_classes
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
@@ -202,6 +202,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@register_implementation(
+    "pallas", rejects=pallas_rejects,
+    description="FlashAttention-2 Pallas kernels, dense and block-sparse")
 def pallas_attention(
     q: Float[Array, "b q h d"],
     k: Float[Array, "b k h d"],

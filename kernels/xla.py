@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.dispatch import register_implementation
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, dense_mask
 
 # A large finite negative rather than -inf: a fully masked row then stays finite (its output is
@@ -58,6 +59,7 @@ def attention_mask(
     return mask
 
 
+@register_implementation("xla", rejects=lambda call: None, description="dense XLA reference")
 def xla_attention(
     q: Float[Array, "b q h d"],
     k: Float[Array, "b k h d"],

@@ -1,18 +1,9 @@
-"""Attention variants (one module each, registered by import) and the shared classifier."""
+"""Attention variants (one module each, registered by ``@register_variant`` in it) and the shared
+classifier. Importing this package imports every module in it, so a new variant is one new file."""
 
-# Importing a variant's module registers it under its name(s).
-from xformers_zoo.models import (  # noqa: F401
-    block_sparse,
-    flash,
-    full,
-    linear,
-    linformer,
-    nystromformer,
-    performer,
-    reformer,
-    sinkhorn,
-    synthesizer,
-)
 from xformers_zoo.models.classifier import Classifier
+from xformers_zoo.registry import import_submodules
+
+import_submodules(__name__)
 
 __all__ = ["Classifier"]

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from xformers_zoo.configs import ExperimentConfig, resolve_config
-from xformers_zoo.configs.lra_tasks import TASK_CONFIGS
 from xformers_zoo.overrides import ConfigError, parse_assignments
-from xformers_zoo.task_specs import TASKS
+from xformers_zoo.task_specs import TASK_CONFIGS, TASKS
 from xformers_zoo.train.metrics import read_metrics_lenient
 from xformers_zoo.variants import VARIANTS
 

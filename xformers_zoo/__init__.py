@@ -1,7 +1,9 @@
 """xformers-zoo: efficient Transformers in JAX/Flax NNX sharing one encoder, one trainer and one
 data layer, compared on Long Range Arena."""
 
-from xformers_zoo import models as _models  # noqa: F401  (registers the variants)
+# Importing the packages registers their variants, tasks and presets.
+from xformers_zoo import configs as _configs  # noqa: F401
+from xformers_zoo import models as _models  # noqa: F401
 from xformers_zoo.api import (
     build_model,
     count_params,

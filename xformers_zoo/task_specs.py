@@ -1,16 +1,24 @@
-"""Task metadata: what a model and the trainer need to know about an LRA task, so that neither
-has per-task code. Data builders and base configs register against these names."""
+"""What a model, the data layer and the trainer need to know about a task, so that none of them
+has per-task code: ``TaskSpec`` and the two registries a task is entered in, ``TASKS`` (its facts)
+and ``TASK_CONFIGS`` (its base experiment config), both filled by ``@register_task`` on the
+function that builds the base config (configs/lra_tasks.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from xformers_zoo.registry import Registry
+
+if TYPE_CHECKING:
+    from xformers_zoo.configs.base import ExperimentConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """An LRA task.
+    """A task's facts, written once: everything else reads them from here.
 
     Attributes:
       name: registry name ("listops", "pathfinder32", ...).
@@ -21,8 +29,11 @@ class TaskSpec:
       image_shape: (height, width) for image tasks, flattened row by row.
       has_padding: sequences are padded (id 0 = pad); image tasks have no padding since pixel
         value 0 is a real token.
-      min_length: the shortest ``data.max_length`` the task's data can be made at.
       description: one line for listings.
+      min_length: the shortest ``data.max_length`` the task's data can be made at.
+      split_sizes: train / validation / test examples of the published data set, for tasks
+        whose data is generated (None where the official files fix them).
+      family: tasks made by one data source at several sizes share it ("pathfinder").
     """
 
     name: str
@@ -34,34 +45,27 @@ class TaskSpec:
     has_padding: bool = True
     description: str = ""
     min_length: int = 1
+    split_sizes: tuple[int, int, int] | None = None
+    family: str = ""
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+TASK_CONFIGS: Registry[Callable[[], ExperimentConfig]] = Registry("task config")
 
-# Vocabulary and sizes follow the LRA paper (Tay et al. 2020); see shared LRA facts.
-TASKS.register("listops", TaskSpec(
-    name="listops", max_length=2000, vocab_size=16, num_classes=10, min_length=8,
-    description="nested MIN/MAX/MED/SM expressions, 10-way (Nangia & Bowman 2018)"))
-TASKS.register("text", TaskSpec(
-    name="text", max_length=1000, vocab_size=257, num_classes=2,
-    description="byte-level IMDb sentiment (id = byte + 1, 0 = pad; Maas et al. 2011)"))
-TASKS.register("retrieval", TaskSpec(
-    name="retrieval", max_length=4000, vocab_size=257, num_classes=2,
-    two_inputs=True,
-    description="byte-level AAN citation matching of two papers, dual encoder (Radev et al. 2013)"))
-TASKS.register("image", TaskSpec(
-    name="image", max_length=1024, vocab_size=256, num_classes=10,
-    image_shape=(32, 32), has_padding=False,
-    description="greyscale CIFAR-10, pixel values as tokens (Krizhevsky 2009)"))
 
-# Pathfinder (Linsley et al. 2018): pixel values as tokens. Pooling and positions live in the
-# task base configs (configs/lra_tasks.py).
-for _name, _side, _what in (
-        ("pathfinder32", 32, "Pathfinder 32x32"),
-        ("pathfinder64", 64, "Pathfinder 64x64"),
-        ("pathx", 128, "Path-X, Pathfinder 128x128"),
-        ("path256", 256, "Path-256, Pathfinder 256x256")):
-    TASKS.register(_name, TaskSpec(
-        name=_name, max_length=_side * _side, vocab_size=256, num_classes=2,
-        image_shape=(_side, _side), has_padding=False,
-        description=f"{_what}: are the two marked dots on one dashed contour?"))
+def register_task(spec: TaskSpec) -> Callable[[Callable[[TaskSpec], ExperimentConfig]],
+                                              Callable[[TaskSpec], ExperimentConfig]]:
+    """Decorator on ``base_config(spec) -> ExperimentConfig``: enters ``spec`` in ``TASKS`` and
+    the base config (called with ``spec``) in ``TASK_CONFIGS``, both under ``spec.name``."""
+
+    def wrap(base_config: Callable[[TaskSpec], ExperimentConfig]):
+        TASKS.register(spec.name, spec)
+        TASK_CONFIGS.register(spec.name, functools.partial(base_config, spec))
+        return base_config
+
+    return wrap
+
+
+def tasks_of_family(family: str) -> dict[str, TaskSpec]:
+    """The registered tasks of ``family`` (e.g. the Pathfinder sizes), by name."""
+    return {name: spec for name, spec in TASKS.items() if spec.family == family}

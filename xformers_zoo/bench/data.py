@@ -31,9 +31,12 @@ import numpy as np
 from xformers_zoo.bench.registry import register_benchmark
 from xformers_zoo.bench.report import machine, write_results
 from xformers_zoo.data.pathfinder import RESOLUTIONS, draw_images
-from xformers_zoo.data.pathfinder_source import LRA_SIZES, chunk_size, generate
+from xformers_zoo.data.pathfinder_source import SIZES, chunk_size, generate
+from xformers_zoo.task_specs import TASKS
 
-FULL_SET = sum(LRA_SIZES)
+# The Pathfinder task of each image side, and the images of its full (published) set.
+TASK_OF_SIDE = {side: task for task, side in SIZES.items()}
+FULL_SET = {side: sum(TASKS.get(task).split_sizes) for side, task in TASK_OF_SIDE.items()}
 # Images timed per resolution: on one core, and per worker on every core.
 SINGLE = {32: 300, 64: 150, 128: 150, 256: 60}
 PER_WORKER = {32: 256, 64: 128, 128: 128, 256: 48}
@@ -62,7 +65,7 @@ def time_generation(size: int, workers: int, scale: float) -> dict:
         row |= {"all_cores_images_per_s": n_all / elapsed, "all_cores_images": n_all,
                 "workers": workers}
     best = row.get("all_cores_images_per_s", single)
-    row["full_set_minutes_extrapolated"] = FULL_SET / best / 60
+    row["full_set_minutes_extrapolated"] = FULL_SET[size] / best / 60
     return row
 
 
@@ -83,7 +86,7 @@ def time_build(size: int, workers: int, scale: float, root: Path) -> dict:
     (generation overlapped with writing the array_record files). Two builds, of n and 2n
     training images, separate the fixed cost (worker start-up) from the per-image rate, so the
     full-set estimate does not multiply the start-up by the set size."""
-    task = {32: "pathfinder32", 64: "pathfinder64", 128: "pathx", 256: "path256"}[size]
+    task = TASK_OF_SIDE[size]
     n = max(int(PER_WORKER[size] * scale), chunk_size(size)) * max(workers, 1)
     once = _build_seconds(task, n, workers, root)
     twice = _build_seconds(task, 2 * n, workers, root)
@@ -91,7 +94,7 @@ def time_build(size: int, workers: int, scale: float, root: Path) -> dict:
     rate = n / marginal if marginal > 0 else float("nan")  # nan: too noisy to separate
     startup = once - n / rate if marginal > 0 else float("nan")
     return {"build_images_per_s": rate, "build_startup_s": startup, "build_images": 3 * n + 32,
-            "build_full_set_minutes_extrapolated": (startup + FULL_SET / rate) / 60}
+            "build_full_set_minutes_extrapolated": (startup + FULL_SET[size] / rate) / 60}
 
 
 def needs_files(task: str) -> bool:

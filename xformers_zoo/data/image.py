@@ -20,7 +20,7 @@ from jaxtyping import Int, UInt8
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, DataSource
+from xformers_zoo.data.sources import register_source
 
 ARCHIVE, FOLDER = "cifar-10-python.tar.gz", "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -135,6 +135,13 @@ def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
     return root, manual.files_under(path)
 
 
+def build_name(config: DataConfig) -> str:
+    """Names the content: the size limits."""
+    return f"official_{manual.limits_name(config)}"
+
+
+@register_source("image", build_name=build_name, inputs=inputs,
+                 description="greyscale CIFAR-10 from the official python archive")
 def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     """Flattened greyscale images of ``split``, at most ``data.<split>_size`` of them."""
     if config.source != "official":
@@ -145,13 +152,3 @@ def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
                         f"CIFAR-10 {split}")
     for i in keep:
         yield f"{split}-{i}", {"inputs": images[i].reshape(-1), "label": int(labels[i])}
-
-
-def build_name(config: DataConfig) -> str:
-    """Names the content: the size limits."""
-    return f"official_{manual.limits_name(config)}"
-
-
-SOURCES.register("image", DataSource(
-    task="image", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
-    description="greyscale CIFAR-10 from the official python archive"))

@@ -21,7 +21,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length, split_sizes
+from xformers_zoo.data.sources import SPLITS, effective_length, register_source, split_sizes
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 CLOSE = "]"
@@ -29,7 +29,6 @@ CLOSE = "]"
 VOCAB = ("<pad>", *OPERATORS, CLOSE, *(str(d) for d in range(10)))
 TOKEN_IDS = {tok: i for i, tok in enumerate(VOCAB)} | {"X": VOCAB.index(CLOSE)}
 MAX_DEPTH, MAX_ARGS, LEAF_PROBABILITY = 10, 10, 0.75
-LRA_SIZES = (96_000, 2_000, 2_000)
 
 Tree = int | tuple[str, list["Tree"]]
 
@@ -204,25 +203,12 @@ def _generated_splits(seed: int, sizes: tuple[int, int, int], max_length: int, w
             "train": pool[n_test + n_val:]}
 
 
-def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
-    """ListOps examples of ``split``: generated, or read from the official TSV files."""
-    if config.source == "official":
-        rows = manual.limit(list(read_tsv(official_file(config.manual_dir, split))),
-                            manual.split_limit(config, split), f"official ListOps {split}")
-    else:
-        sizes = split_sizes(config, LRA_SIZES)
-        rows = _generated_splits(config.generation_seed, tuple(sizes.values()),
-                                 effective_length(config), config.workers)[split]
-    for i, (tokens, label) in enumerate(rows):
-        yield f"{split}-{i}", {"inputs": tokens, "label": label}
-
-
 def build_name(config: DataConfig) -> str:
     """Names what determines the content: the generator's seed, sizes and length bound, or the
     size limits of the official files."""
     if config.source == "official":
         return f"official_{manual.limits_name(config)}"
-    sizes = split_sizes(config, LRA_SIZES)
+    sizes = split_sizes(config)
     return (f"generated_len{effective_length(config)}_seed{config.generation_seed}_"
             f"{sizes['train']}_{sizes['validation']}_{sizes['test']}")
 
@@ -235,6 +221,16 @@ def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
     return Path(config.manual_dir), files
 
 
-SOURCES.register("listops", DataSource(
-    task="listops", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
-    description="ListOps expressions (generated or the official LRA TSV files)"))
+@register_source("listops", build_name=build_name, inputs=inputs,
+                 description="ListOps expressions (generated or the official LRA TSV files)")
+def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
+    """ListOps examples of ``split``: generated, or read from the official TSV files."""
+    if config.source == "official":
+        rows = manual.limit(list(read_tsv(official_file(config.manual_dir, split))),
+                            manual.split_limit(config, split), f"official ListOps {split}")
+    else:
+        sizes = split_sizes(config)
+        rows = _generated_splits(config.generation_seed, tuple(sizes.values()),
+                                 effective_length(config), config.workers)[split]
+    for i, (tokens, label) in enumerate(rows):
+        yield f"{split}-{i}", {"inputs": tokens, "label": label}

@@ -20,10 +20,11 @@ import numpy as np
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import lra_release, manual
 from xformers_zoo.data.pathfinder import RESOLUTIONS, PathfinderParams, draw_images
-from xformers_zoo.data.sources import SOURCES, DataSource, split_sizes
+from xformers_zoo.data.sources import register_source, split_sizes
+from xformers_zoo.task_specs import tasks_of_family
 
-SIZES = {"pathfinder32": 32, "pathfinder64": 64, "pathx": 128, "path256": 256}
-LRA_SIZES = (160_000, 20_000, 20_000)
+# Image side of each Pathfinder task, from its spec (configs/lra_tasks.py).
+SIZES = {name: spec.image_shape[0] for name, spec in tasks_of_family("pathfinder").items()}
 # 2.0.0: drawn as the original generator (dashed Lanczos-shrunk paddles, its contrasts,
 # distractors kept as they fit); 1.x images were connected curves a flood fill could solve.
 GENERATOR_VERSION = "2.0.0"
@@ -67,26 +68,6 @@ def params_for(config: DataConfig) -> PathfinderParams:
     return RESOLUTIONS[SIZES[config.task]].with_level(config.level)
 
 
-def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
-    """Flattened images and labels of ``split``: generated, or read from the release."""
-    size = SIZES[config.task]
-    if config.source == "official":
-        for i, (pixels, label) in enumerate(lra_release.pathfinder_images(config, split, size)):
-            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": label}
-        return
-    if config.source != "generated":
-        raise ValueError(f"{config.task} is generated (data.source=generated) or read from the "
-                         "LRA release (data.source=official)")
-    count = split_sizes(config, LRA_SIZES)[split]
-    i = 0
-    for images, labels in generate(params_for(config), count, seed=config.generation_seed,
-                                   split=split, workers=config.workers,
-                                   pool=_BUILD_POOLS.get(config)):
-        for pixels, label in zip(images, labels, strict=True):
-            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": int(label)}
-            i += 1
-
-
 @contextlib.contextmanager
 def build_pool(config: DataConfig) -> Iterator[None]:
     """Holds one pool of generation workers open while ``config``'s data set is built, for
@@ -95,7 +76,7 @@ def build_pool(config: DataConfig) -> Iterator[None]:
         yield
         return
     step = chunk_size(SIZES[config.task])
-    jobs = sum(-(-n // step) for n in split_sizes(config, LRA_SIZES).values())
+    jobs = sum(-(-n // step) for n in split_sizes(config).values())
     workers = min(config.workers or os.cpu_count() or 1, jobs)
     if workers <= 1:
         yield
@@ -112,14 +93,29 @@ def build_name(config: DataConfig) -> str:
     """Names the content: level, then the generator's seed and sizes, or the release."""
     if config.source == "official":
         return f"official_{config.level}_{manual.limits_name(config)}"
-    sizes = split_sizes(config, LRA_SIZES)
+    sizes = split_sizes(config)
     return (f"generated_{config.level}_seed{config.generation_seed}_"
             f"{sizes['train']}_{sizes['validation']}_{sizes['test']}")
 
 
-for _task, _size in SIZES.items():
-    SOURCES.register(_task, DataSource(
-        task=_task, examples=examples, build_name=build_name, version=GENERATOR_VERSION,
-        build_scope=build_pool, inputs=lra_release.release_inputs,
-        description=f"Pathfinder {_size}x{_size} (generated, or the LRA release's "
-                    f"pathfinder{_size}/)"))
+@register_source(*SIZES, build_name=build_name, version=GENERATOR_VERSION,
+                 build_scope=build_pool, inputs=lra_release.release_inputs,
+                 description="Pathfinder (generated, or the LRA release's pathfinder<side>/)")
+def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
+    """Flattened images and labels of ``split``: generated, or read from the release."""
+    size = SIZES[config.task]
+    if config.source == "official":
+        for i, (pixels, label) in enumerate(lra_release.pathfinder_images(config, split, size)):
+            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": label}
+        return
+    if config.source != "generated":
+        raise ValueError(f"{config.task} is generated (data.source=generated) or read from the "
+                         "LRA release (data.source=official)")
+    count = split_sizes(config)[split]
+    i = 0
+    for images, labels in generate(params_for(config), count, seed=config.generation_seed,
+                                   split=split, workers=config.workers,
+                                   pool=_BUILD_POOLS.get(config)):
+        for pixels, label in zip(images, labels, strict=True):
+            yield f"{split}-{i}", {"inputs": pixels.reshape(-1), "label": int(label)}
+            i += 1

@@ -15,7 +15,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, SPLITS, DataSource, effective_length
+from xformers_zoo.data.sources import SPLITS, effective_length, register_source
 
 FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
          "test": "new_aan_pairs.test.tsv"}
@@ -53,6 +53,21 @@ def pairs_file(config: DataConfig, split: str) -> Path:
     return manual.find(root, [f"{FOLDER}/{name}", name], release=True)
 
 
+def build_name(config: DataConfig) -> str:
+    """Names the content: the byte length per paper and the size limits."""
+    return f"official_len{effective_length(config)}_{manual.limits_name(config)}"
+
+
+def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
+    """The release TSV files a build reads."""
+    if config.source != "official":
+        return None
+    files = [pairs_file(config, s) for s in SPLITS]
+    return Path(config.manual_dir).expanduser(), files
+
+
+@register_source("retrieval", build_name=build_name, inputs=inputs,
+                 description="AAN paper pairs from the LRA release's tsv_data/")
 def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     """Paper pairs of ``split``, at most ``data.<split>_size`` of them (in file order)."""
     if config.source != "official":
@@ -68,21 +83,3 @@ def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
     if count == 0:
         raise ValueError(f"{path} holds no rows")
     manual.limit([None] * count, limit, f"{path.name} ({split})")  # warns if short
-
-
-def build_name(config: DataConfig) -> str:
-    """Names the content: the byte length per paper and the size limits."""
-    return f"official_len{effective_length(config)}_{manual.limits_name(config)}"
-
-
-def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
-    """The release TSV files a build reads."""
-    if config.source != "official":
-        return None
-    files = [pairs_file(config, s) for s in SPLITS]
-    return Path(config.manual_dir).expanduser(), files
-
-
-SOURCES.register("retrieval", DataSource(
-    task="retrieval", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
-    description="AAN paper pairs from the LRA release's tsv_data/"))

@@ -22,6 +22,7 @@ from xformers_zoo.registry import Registry
 from xformers_zoo.task_specs import TASKS
 
 Example = dict[str, Any]
+ExamplesFn = Callable[[str, DataConfig], Iterator[tuple[str, Example]]]
 SPLITS = ("train", "validation", "test")
 
 
@@ -43,7 +44,7 @@ class DataSource:
     """
 
     task: str
-    examples: Callable[[str, DataConfig], Iterator[tuple[str, Example]]]
+    examples: ExamplesFn
     build_name: Callable[[DataConfig], str]
     version: str = "1.0.0"
     description: str = ""
@@ -60,10 +61,37 @@ class DataSource:
 SOURCES: Registry[DataSource] = Registry("data source")
 
 
-def split_sizes(config: DataConfig, defaults: tuple[int, int, int]) -> dict[str, int]:
-    """Train / validation / test sizes from the config, falling back to ``defaults``."""
+def register_source(
+    *tasks: str,
+    build_name: Callable[[DataConfig], str],
+    version: str = "1.0.0",
+    description: str = "",
+    build_scope: Callable[[DataConfig], AbstractContextManager] | None = None,
+    inputs: Callable[[DataConfig], tuple[Path, Sequence[Path]] | None] | None = None,
+) -> Callable[[ExamplesFn], ExamplesFn]:
+    """Decorator on a module's ``examples(split, config)``: registers it, with the rest of a
+    ``DataSource`` (see there), as the source of each of ``tasks``."""
+
+    def wrap(examples: ExamplesFn) -> ExamplesFn:
+        for task in tasks:
+            SOURCES.register(task, DataSource(
+                task=task, examples=examples, build_name=build_name, version=version,
+                description=description, build_scope=build_scope, inputs=inputs))
+        return examples
+
+    return wrap
+
+
+def split_sizes(config: DataConfig) -> dict[str, int]:
+    """Train / validation / test sizes from the config, falling back to the task's published
+    ones (``TaskSpec.split_sizes``)."""
     sizes = (config.train_size, config.val_size, config.test_size)
-    out = {s: (d if n is None else n) for s, n, d in zip(SPLITS, sizes, defaults, strict=True)}
+    defaults = TASKS.get(config.task).split_sizes
+    if defaults is None and None in sizes:
+        raise ValueError(f"{config.task} has no published split sizes: set data.train_size, "
+                         "data.val_size and data.test_size")
+    out = {s: (d if n is None else n)
+           for s, n, d in zip(SPLITS, sizes, defaults or sizes, strict=True)}
     for split, n in out.items():
         if n <= 0:
             raise ValueError(f"{split} size must be positive, got {n}")

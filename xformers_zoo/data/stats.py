@@ -72,7 +72,7 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Prints the table (and writes JSON with ``--json``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="xformers-zoo data stats", description=__doc__)
-    parser.add_argument("tasks", nargs="+", help="pathfinder32, pathfinder64, pathx, path256")
+    parser.add_argument("tasks", nargs="+", help="Pathfinder tasks (pathfinder32 ... path256)")
     add_sample_arguments(parser, count=400)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import numpy as np
 
 from xformers_zoo.configs.base import DataConfig
 from xformers_zoo.data import manual
-from xformers_zoo.data.sources import SOURCES, DataSource, effective_length
+from xformers_zoo.data.sources import effective_length, register_source
 
 ARCHIVE, FOLDER = "aclImdb_v1.tar.gz", "aclImdb"
 # Which part of the IMDb data each LRA split reads.
@@ -91,19 +91,6 @@ def _tfds(config: DataConfig, split: str) -> list[Review]:
     return [(bytes(ex["text"]), int(ex["label"])) for ex in source]
 
 
-def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
-    """Byte-level reviews of ``split``, at most ``data.<split>_size`` of them."""
-    if config.source == "generated":
-        raise ValueError("text has no generator; use data.source=official (aclImdb_v1.tar.gz "
-                         "in data.manual_dir) or data.source=tfds")
-    reviews = (_tfds if config.source == "tfds" else _official)(config, split)
-    reviews = manual.limit(reviews, manual.split_limit(config, split),
-                           f"IMDb {PARTS[split]} ({split})")
-    length = effective_length(config)
-    for i, (text, label) in enumerate(reviews):
-        yield f"{split}-{i}", {"inputs": manual.byte_tokens(text, length), "label": label}
-
-
 def build_name(config: DataConfig) -> str:
     """Names the content: where it came from, the byte length and the size limits."""
     return f"{config.source}_len{effective_length(config)}_{manual.limits_name(config)}"
@@ -118,6 +105,17 @@ def inputs(config: DataConfig) -> tuple[Path, list[Path]] | None:
     return root, manual.files_under(path)
 
 
-SOURCES.register("text", DataSource(
-    task="text", examples=examples, build_name=build_name, version="1.0.0", inputs=inputs,
-    description="byte-level IMDb reviews (official aclImdb_v1.tar.gz or TFDS imdb_reviews)"))
+@register_source("text", build_name=build_name, inputs=inputs,
+                 description="byte-level IMDb reviews (official aclImdb_v1.tar.gz or TFDS "
+                             "imdb_reviews)")
+def examples(split: str, config: DataConfig) -> Iterator[tuple[str, dict]]:
+    """Byte-level reviews of ``split``, at most ``data.<split>_size`` of them."""
+    if config.source == "generated":
+        raise ValueError("text has no generator; use data.source=official (aclImdb_v1.tar.gz "
+                         "in data.manual_dir) or data.source=tfds")
+    reviews = (_tfds if config.source == "tfds" else _official)(config, split)
+    reviews = manual.limit(reviews, manual.split_limit(config, split),
+                           f"IMDb {PARTS[split]} ({split})")
+    length = effective_length(config)
+    for i, (text, label) in enumerate(reviews):
+        yield f"{split}-{i}", {"inputs": manual.byte_tokens(text, length), "label": label}
