@@ -9,7 +9,7 @@ from xformers_zoo.configs.base import DataConfig, ExperimentConfig, ModelConfig,
 from xformers_zoo.task_specs import TaskSpec, register_task
 
 
-def lra_data(spec: TaskSpec, **fields) -> DataConfig:
+def task_data_config(spec: TaskSpec, **fields) -> DataConfig:
     """The task's data config: its published split sizes where it has them, then ``fields``."""
     sizes = {}
     if spec.split_sizes is not None:
@@ -32,7 +32,7 @@ def listops(spec: TaskSpec) -> ExperimentConfig:
         train=TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt",
                           warmup_steps=1000, weight_decay=0.1, eval_every=1000,
                           checkpoint_every=500),
-        data=lra_data(spec),
+        data=task_data_config(spec),
     )
 
 
@@ -50,7 +50,7 @@ def text(spec: TaskSpec) -> ExperimentConfig:
         train=TrainConfig(batch_size=32, steps=20_000, lr=0.05, schedule="rsqrt",
                           warmup_steps=8000, weight_decay=0.1, eval_every=1000,
                           checkpoint_every=1000),
-        data=lra_data(spec, source="official"),
+        data=task_data_config(spec, source="official"),
     )
 
 
@@ -68,7 +68,7 @@ def retrieval(spec: TaskSpec) -> ExperimentConfig:
         train=TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt",
                           warmup_steps=8000, weight_decay=0.1, eval_every=500,
                           checkpoint_every=500),
-        data=lra_data(spec, source="official"),
+        data=task_data_config(spec, source="official"),
     )
 
 
@@ -87,7 +87,7 @@ def image(spec: TaskSpec) -> ExperimentConfig:
                           warmup_steps=45_000 // 256, weight_decay=0.0, eval_every=1000,
                           checkpoint_every=1000),
         # Batches of 256 images outrun one process's batching on a GPU: prefetch in workers.
-        data=lra_data(spec, source="official", loader_workers=4),
+        data=task_data_config(spec, source="official", loader_workers=4),
     )
 
 
@@ -112,7 +112,7 @@ def _pathfinder(spec: TaskSpec, *, num_layers: int, num_heads: int, positional: 
         train=TrainConfig(batch_size=batch_size, steps=steps, lr=1e-3, schedule="cosine",
                           warmup_steps=spec.split_sizes[0] // batch_size, weight_decay=0.0,
                           grad_clip=grad_clip, eval_every=1000, checkpoint_every=1000),
-        data=lra_data(spec, source="generated", level="contour14", loader_workers=4),
+        data=task_data_config(spec, source="generated", level="contour14", loader_workers=4),
     )
 
 
