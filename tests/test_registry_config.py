@@ -1,6 +1,7 @@
 """Registry and config errors: duplicates, unknown names, unknown or ill-typed fields."""
 
 import dataclasses
+import sys
 
 import pytest
 
@@ -8,7 +9,7 @@ import xformers_zoo as xz
 from xformers_zoo import overrides as cfglib
 from xformers_zoo.configs import ExperimentConfig, load_config, resolve_config
 from xformers_zoo.overrides import ConfigError
-from xformers_zoo.registry import Registry, UnknownNameError
+from xformers_zoo.registry import Registry, UnknownNameError, import_submodules
 
 
 def test_registry_duplicate_and_unknown():
@@ -20,6 +21,45 @@ def test_registry_duplicate_and_unknown():
     with pytest.raises(UnknownNameError, match=r"unknown widget 'c'; known: a, b"):
         reg.get("c")
     assert reg.names() == ["a", "b"] and "a" in reg and len(reg) == 2
+
+
+def test_import_submodules_runs_every_module_of_a_package(tmp_path, monkeypatch):
+    """A package's modules register themselves when it imports them: no list names them."""
+    package = tmp_path / "gadgets"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from xformers_zoo.registry import Registry, import_submodules\n"
+        "GADGETS = Registry('gadget')\n"
+        "MODULES = import_submodules(__name__)\n")
+    for name in ("beta", "alpha"):
+        (package / f"{name}.py").write_text(
+            f"from gadgets import GADGETS\n\n@GADGETS.decorator('{name}')\ndef make():\n"
+            "    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gadgets
+
+    try:
+        assert gadgets.MODULES == ["gadgets.alpha", "gadgets.beta"]
+        assert gadgets.GADGETS.names() == ["alpha", "beta"]
+        assert import_submodules("gadgets") == gadgets.MODULES  # imported once only
+        assert len(gadgets.GADGETS) == 2
+    finally:
+        for name in ("gadgets", "gadgets.alpha", "gadgets.beta"):
+            sys.modules.pop(name, None)
+
+
+def test_task_facts_are_read_from_the_task_specs():
+    from xformers_zoo.data.pathfinder_source import SIZES
+    from xformers_zoo.data.sources import split_sizes
+
+    assert SIZES == {"pathfinder32": 32, "pathfinder64": 64, "pathx": 128, "path256": 256}
+    assert all(xz.TASKS.get(t).image_shape == (s, s) for t, s in SIZES.items())
+    listops = resolve_config("listops").data
+    assert (listops.train_size, listops.val_size, listops.test_size) == (96_000, 2_000, 2_000)
+    unsized = dataclasses.replace(resolve_config("pathx").data, train_size=None, val_size=None)
+    assert split_sizes(unsized) == {"train": 160_000, "validation": 20_000, "test": 20_000}
+    with pytest.raises(ValueError, match="text has no published split sizes"):
+        split_sizes(dataclasses.replace(resolve_config("text").data, train_size=None))
 
 
 def test_unknown_model_and_task_list_known_names():
