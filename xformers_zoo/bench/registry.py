@@ -22,7 +22,7 @@ class Benchmark:
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
-def register_benchmark(name: str, help: str) -> Callable[[BenchmarkMain], BenchmarkMain]:  # noqa: A002
+def register_benchmark(name: str, help: str) -> Callable[[BenchmarkMain], BenchmarkMain]:
     """``@register_benchmark("data", help=...)`` on a module's ``main(argv) -> int`` makes it
     ``xformers-zoo bench data``."""
 
