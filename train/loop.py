@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 from xformers_zoo import data
 from xformers_zoo import overrides as cfglib
 from xformers_zoo.api import build_model, count_params
-from xformers_zoo.configs import ExperimentConfig, load_run_config
+from xformers_zoo.configs import ExperimentConfig, load_config, load_run_config
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.fs import check_writable_dir, write_text_atomic
+from xformers_zoo.tasks import TASKS
 from xformers_zoo.train.checkpoint import RunCheckpoints
 from xformers_zoo.train.metrics import MetricsLog
+from xformers_zoo.train.objectives import make_objective
 from xformers_zoo.train.optim import make_optimizer, make_schedule
 from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
 from xformers_zoo.train.steps import TrainState, compile_steps, init_state
@@ -75,10 +77,11 @@ def compare_run_config(config: ExperimentConfig, workdir: Path) -> bool:
         return False
     given = cfglib.to_dict(config)
     try:
-        saved = _flatten(json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunDirectoryMismatchError(f"{path} is not valid JSON ({e}); use a new --workdir "
                                         "or remove the file") from None
+    saved = _flatten(json.loads(json.dumps(_with_defaults(raw))))
     new = _flatten(json.loads(json.dumps(given)))
     resumable = set(RESUMABLE_FIELDS)
     if saved.get("train.schedule") == "cosine":
@@ -91,6 +94,16 @@ def compare_run_config(config: ExperimentConfig, workdir: Path) -> bool:
             f"{workdir} holds a run of a different config ({'; '.join(diff)}); use a new "
             f"--workdir, or only change {', '.join(sorted(resumable))} to resume")
     return True
+
+
+def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields added since it was saved at their defaults (which is
+    what that run used), so that adding a field does not make old runs unresumable; as saved
+    when it cannot be loaded (the comparison then names what differs)."""
+    try:
+        return cfglib.to_dict(load_config(raw))
+    except (ValueError, TypeError):
+        return raw
 
 
 def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
@@ -120,14 +133,18 @@ class _Setup:
         self.mesh = data_mesh()
         self.local_batch = local_batch_size(config.train.batch_size, self.mesh)
         model = build_model(config.model, config.data.task,
-                            max_length=effective_length(config.data), seed=config.train.seed)
+                            max_length=effective_length(config.data), seed=config.train.seed,
+                            objective=config.train.objective)
         self.num_params = count_params(model)
         self.schedule = make_schedule(config.train)
         tx = make_optimizer(config.train, self.schedule)
         self.graphdef, state = init_state(model, tx, config.train.seed)
         self.state = replicate(state, self.mesh)
+        objective = make_objective(config.train.objective, TASKS.get(config.data.task),
+                                   mask_rate=config.train.mask_rate,
+                                   mask_span=config.train.mask_span)
         self.train_step, self.eval_step = compile_steps(self.graphdef, tx, self.schedule,
-                                                        config.train.grad_accum)
+                                                        config.train.grad_accum, objective)
         self.variant = VARIANTS.get(config.model.variant)
         self.refresh_every = self.variant.refresh_interval(config.model.attention)
 
@@ -248,8 +265,10 @@ def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: Experimen
     scored = checkpoints.restore_best(state, best["step"])[0]
     test = evaluate(setup.eval_step, scored, config, "test", setup.mesh)
     metrics_log.write("test", int(state.step), **test, checkpoint_step=int(scored.step))
+    # Accuracies are of the objective: labels, or masked tokens for self-pretraining.
     return {
         "task": config.data.task, "variant": config.model.variant, "steps": int(state.step),
+        "objective": config.train.objective,
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "test_examples": test["examples"], "majority_rate": test["majority_rate"],
         "best_step": best["step"], "best_val_accuracy": best["accuracy"],

@@ -14,7 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from xformers_zoo.train.objectives import EVAL_MASK_SEED, Classification, Objective
+
 Batch = dict[str, jax.Array]
+CLASSIFICATION = Classification()
 
 
 class TrainState(NamedTuple):
@@ -34,30 +37,20 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
     return graphdef, TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32), key)
 
 
-def loss_and_metrics(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted mean cross-entropy and the sums an accuracy is computed from."""
-    weight = batch["weight"]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                             batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    total = jnp.maximum(weight.sum(), 1.0)
-    return (losses * weight).sum() / total, {
-        "loss_sum": (losses * weight).sum(), "correct": (correct * weight).sum(),
-        "count": weight.sum()}
-
-
 def _forward(graphdef, params, rest, batch, *, deterministic: bool, key=None):
     model = nnx.merge(graphdef, params, rest)
     rngs = None if deterministic else nnx.Rngs(dropout=key)
     return model(batch["inputs"], batch["mask"], deterministic=deterministic, rngs=rngs)
 
 
-def _grads(graphdef, state: TrainState, batch: Batch, key: jax.Array, grad_accum: int):
+def _grads(graphdef, objective: Objective, state: TrainState, batch: Batch, key: jax.Array,
+           grad_accum: int):
     """Loss, metric sums and gradients, accumulated over ``grad_accum`` micro-batches."""
 
     def micro(params, mb, k):
+        mb = objective.corrupt(mb, k)
         logits = _forward(graphdef, params, state.rest, mb, deterministic=False, key=k)
-        return loss_and_metrics(logits, mb)
+        return objective.loss_and_metrics(logits, mb)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if grad_accum == 1:
@@ -79,11 +72,13 @@ def _grads(graphdef, state: TrainState, batch: Batch, key: jax.Array, grad_accum
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum: int,
-               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+               objective: Objective, state: TrainState,
+               batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. A non-finite loss or gradient leaves parameters and optimizer state
-    untouched and reports ``finite = 0`` so the loop can stop with the last good state."""
+    untouched and reports ``finite = 0`` so the loop can stop with the last good state. The
+    objective's corruption (masking) is drawn from the step's key."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    loss, sums, grads = _grads(graphdef, state, batch, key, grad_accum)
+    loss, sums, grads = _grads(graphdef, objective, state, batch, key, grad_accum)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -100,18 +95,21 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum:
     return new_state, metrics
 
 
-def eval_step(graphdef, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+def eval_step(graphdef, objective: Objective, state: TrainState,
+              batch: Batch) -> dict[str, jax.Array]:
     """Metric sums of one evaluation batch (no dropout), with the weighted count of each label
-    (``class_counts [classes]``) for the majority-class rate."""
+    (``class_counts [classes]``; masked tokens for the masked objective) for the majority
+    rate. Masks come from a fixed key, so every checkpoint is scored on the same ones."""
+    batch = objective.corrupt(batch, jax.random.key(EVAL_MASK_SEED))
     logits = _forward(graphdef, state.params, state.rest, batch, deterministic=True)
-    sums = loss_and_metrics(logits, batch)[1]
-    one_hot = jax.nn.one_hot(batch["label"], logits.shape[-1])
-    return {**sums, "class_counts": (one_hot * batch["weight"][:, None]).sum(0)}
+    sums = objective.loss_and_metrics(logits, batch)[1]
+    return {**sums, "class_counts": objective.label_counts(logits, batch)}
 
 
-def compile_steps(graphdef, tx, schedule, grad_accum: int):
+def compile_steps(graphdef, tx, schedule, grad_accum: int,
+                  objective: Objective = CLASSIFICATION):
     """Jitted (train_step, eval_step); the train step donates the old state's buffers."""
-    train = jax.jit(functools.partial(train_step, graphdef, tx, schedule, grad_accum),
+    train = jax.jit(functools.partial(train_step, graphdef, tx, schedule, grad_accum, objective),
                     donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(eval_step, graphdef))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef, objective))
     return train, evaluate

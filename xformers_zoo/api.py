@@ -15,10 +15,12 @@ from xformers_zoo.variants import VARIANTS
 
 
 def build_model(model: ModelConfig, task: str, *, max_length: int | None = None,
-                seed: int = 0) -> Classifier:
-    """A ``Classifier`` from a resolved model config (``model.attention`` filled)."""
+                seed: int = 0, objective: str = "classify") -> Classifier:
+    """A ``Classifier`` from a resolved model config (``model.attention`` filled), for the
+    training objective ``objective`` ("classify" or "masked", as ``train.objective``)."""
     spec = TASKS.get(task)
-    return Classifier(model, spec, max_length=max_length or spec.max_length, rngs=nnx.Rngs(seed))
+    return Classifier(model, spec, max_length=max_length or spec.max_length, rngs=nnx.Rngs(seed),
+                      objective=objective)
 
 
 def create_model(name: str, task: str = "listops", *, seed: int = 0,

@@ -1,5 +1,6 @@
-"""Pooling and classification heads: CLS or mean pooling, the LRA classifier head
-(Dense, ReLU, Dense) and the dual-encoder head over [u, v, u*v, u-v] (Tay et al. 2020)."""
+"""Pooling and heads: CLS or mean pooling, the LRA classifier head (Dense, ReLU, Dense), the
+dual-encoder features [u, v, u*v, u-v] (Tay et al. 2020) and the masked-token head of
+self-pretraining (Amos et al. 2024)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ class ClassifierHead(nnx.Module):
 
     def __call__(self, x: Float[Array, "b e"]) -> Float[Array, "b c"]:
         return self.logits(jax.nn.relu(self.hidden(x)).astype(jnp.float32))
+
+
+class MaskedTokenHead(nnx.Module):
+    """Per-token logits over the task's vocabulary: Dense -> GELU -> LayerNorm -> Dense, the
+    masked-language-model head of BERT (Devlin et al. 2019) as used for self-pretraining on the
+    task's own inputs (Amos et al. 2024, "Never Train from Scratch")."""
+
+    def __init__(self, emb_dim: int, vocab_size: int, *, dtype, rngs: nnx.Rngs):
+        self.transform = nnx.Linear(emb_dim, emb_dim, dtype=dtype, param_dtype=jnp.float32,
+                                    rngs=rngs)
+        self.norm = nnx.LayerNorm(emb_dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        self.logits = nnx.Linear(emb_dim, vocab_size, dtype=jnp.float32,
+                                 param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "b l e"]) -> Float[Array, "b l v"]:
+        return self.logits(self.norm(jax.nn.gelu(self.transform(x)).astype(jnp.float32)))
 
 
 def dual_features(u: Float[Array, "b e"], v: Float[Array, "b e"]) -> Float[Array, "b 4e"]:
