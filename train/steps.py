@@ -72,8 +72,8 @@ def _grads(graphdef, objective: Objective, state: TrainState, batch: Batch, key:
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum: int,
-               objective: Objective, state: TrainState,
-               batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+               state: TrainState, batch: Batch, *,
+               objective: Objective = CLASSIFICATION) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. A non-finite loss or gradient leaves parameters and optimizer state
     untouched and reports ``finite = 0`` so the loop can stop with the last good state. The
     objective's corruption (masking) is drawn from the step's key."""
@@ -95,8 +95,8 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum:
     return new_state, metrics
 
 
-def eval_step(graphdef, objective: Objective, state: TrainState,
-              batch: Batch) -> dict[str, jax.Array]:
+def eval_step(graphdef, state: TrainState, batch: Batch, *,
+              objective: Objective = CLASSIFICATION) -> dict[str, jax.Array]:
     """Metric sums of one evaluation batch (no dropout), with the weighted count of each label
     (``class_counts [classes]``; masked tokens for the masked objective) for the majority
     rate. Masks come from a fixed key, so every checkpoint is scored on the same ones."""
@@ -109,7 +109,7 @@ def eval_step(graphdef, objective: Objective, state: TrainState,
 def compile_steps(graphdef, tx, schedule, grad_accum: int,
                   objective: Objective = CLASSIFICATION):
     """Jitted (train_step, eval_step); the train step donates the old state's buffers."""
-    train = jax.jit(functools.partial(train_step, graphdef, tx, schedule, grad_accum, objective),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(eval_step, graphdef, objective))
+    train = jax.jit(functools.partial(train_step, graphdef, tx, schedule, grad_accum,
+                                      objective=objective), donate_argnums=(0,))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef, objective=objective))
     return train, evaluate
