@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xformers_zoo import config as cfglib
 from xformers_zoo.api import build_model
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.tasks import TASKS
 from xformers_zoo.train import run
-from xformers_zoo.train.loop import _Setup
+from xformers_zoo.train.loop import RunDirectoryMismatchError, _Setup, compare_run_config
 from xformers_zoo.train.metrics import read_metrics
 from xformers_zoo.train.objectives import MaskedDenoising, make_objective, span_mask
 from xformers_zoo.train.warm_start import (
@@ -170,3 +171,16 @@ def test_unmappable_checkpoints_are_refused_naming_the_parameter(source, target,
         transfer_params(build(*source), build(*target), source_name="runs/masked")
     assert str(caught.value).startswith("runs/masked cannot initialise this model")
     assert "masked-pretrained source (train.objective=masked)" in str(caught.value)
+
+
+def test_runs_saved_before_the_objective_fields_still_resume(tmp_path):
+    cfg = config(tmp_path / "data", **{"train.steps": 4})
+    saved = json.loads(json.dumps(cfglib.to_dict(cfg)))
+    for name in ("objective", "mask_rate", "mask_span"):
+        del saved["train"][name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert compare_run_config(cfg, tmp_path)
+    masked = config(tmp_path / "data", **{"train.steps": 4, "train.objective": "masked"})
+    with pytest.raises(RunDirectoryMismatchError,
+                       match="train.objective: saved 'classify', given 'masked'"):
+        compare_run_config(masked, tmp_path)
