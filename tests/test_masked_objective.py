@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xformers_zoo import config as cfglib
+from xformers_zoo import overrides as cfglib
 from xformers_zoo.api import build_model
 from xformers_zoo.configs import resolve_config
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.train import run
 from xformers_zoo.train.loop import RunDirectoryMismatchError, _Setup, compare_run_config
 from xformers_zoo.train.metrics import read_metrics

@@ -25,7 +25,7 @@ from xformers_zoo.api import build_model, count_params
 from xformers_zoo.configs import ExperimentConfig, load_config, load_run_config
 from xformers_zoo.data.sources import effective_length
 from xformers_zoo.fs import check_writable_dir, write_text_atomic
-from xformers_zoo.tasks import TASKS
+from xformers_zoo.task_specs import TASKS
 from xformers_zoo.train.checkpoint import RunCheckpoints
 from xformers_zoo.train.metrics import MetricsLog
 from xformers_zoo.train.objectives import make_objective

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from xformers_zoo.tasks import TaskSpec
+from xformers_zoo.task_specs import TaskSpec
 
 Batch = dict[str, jax.Array]
 
