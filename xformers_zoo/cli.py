@@ -12,16 +12,16 @@ from collections.abc import Sequence
 from xformers_zoo.overrides import ConfigError, parse_assignments
 from xformers_zoo.registry import UnknownNameError
 
-# Subcommands whose implementation lives in its own module with a ``main(argv) -> int``
-# (``bench NAME`` runs the benchmark registered under NAME in xformers_zoo.bench).
+# Commands (their leading words) whose implementation lives in its own module with a
+# ``main(argv) -> int`` (``bench NAME`` runs the benchmark registered under NAME in
+# xformers_zoo.bench).
 DELEGATED = {
     ("data", "show"): "xformers_zoo.data.show",
     ("data", "stats"): "xformers_zoo.data.stats",
+    ("sweep",): "xformers_zoo.train.sweep",
 }
 OVERRIDES_HELP = ("Overrides section.field=value (e.g. data.train_size=1000 train.lr=0.01) may "
                   "stand anywhere after the subcommand.")
-# Whole commands implemented in their own module with a ``main(argv) -> int``.
-DELEGATED_COMMANDS = {"sweep": "xformers_zoo.train.sweep"}
 
 
 def _quiet_libraries() -> None:
@@ -215,15 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         _quiet_libraries()
         return bench.main(argv[argv.index(words[1]) + 1:])
-    if len(words) >= 2 and (words[0], words[1]) in DELEGATED:
-        module = importlib.import_module(DELEGATED[(words[0], words[1])])
-        rest = argv[argv.index(words[1]) + 1:]
-        _quiet_libraries()
-        return module.main(rest)
-    if words and words[0] in DELEGATED_COMMANDS and argv[0] == words[0]:
-        module = importlib.import_module(DELEGATED_COMMANDS[words[0]])
-        _quiet_libraries()
-        return module.main(argv[1:])
+    for command, module_name in DELEGATED.items():
+        if tuple(words[:len(command)]) == command:
+            _quiet_libraries()
+            return importlib.import_module(module_name).main(
+                argv[argv.index(command[-1]) + 1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
