@@ -3,6 +3,7 @@ between the markers at chance at every resolution, dashed contours, distractors 
 soft markers, the image statistics at 32 px against the original's - plus the exactness of its
 shortcuts, determinism across worker counts, the levels, `data show` / `data stats` and builds."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -177,6 +178,23 @@ def test_same_seed_same_bytes_for_any_worker_count():
     assert one[0].shape == (70, 32, 32) and one[0].dtype == np.uint8
     assert one[0].tobytes() == two[0].tobytes() and (one[1] == two[1]).all()
     assert images(1, seed=4)[0].tobytes() != one[0].tobytes()
+
+
+# Digests of the first images of seed 11's test split, per resolution, as generator 2.0.0 draws
+# them: speed-ups must leave every image as it was; a change that alters images bumps
+# pathfinder_source.GENERATOR_VERSION (so old builds are not reused) and these digests.
+IMAGE_DIGESTS = {32: (16, "31df7ab1933ae0414b95"), 64: (8, "d5a40d7b268b29b4b60c"),
+                 128: (4, "3837e7a70cc083d147c9"), 256: (2, "0c7779bdf110eb82227a")}
+
+
+@pytest.mark.parametrize("size", sorted(IMAGE_DIGESTS))
+def test_the_generator_version_pins_the_images(size):
+    count, digest = IMAGE_DIGESTS[size]
+    images, labels = pf.draw_images((pf.RESOLUTIONS[size], 11, "test", 0, count))
+    drawn = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:20]
+    assert pathfinder_source.GENERATOR_VERSION == "2.0.0"
+    assert drawn == digest, (f"{size}px images differ from generator 2.0.0's: bump "
+                             "GENERATOR_VERSION and IMAGE_DIGESTS if that is intended")
 
 
 def test_show_writes_a_labelled_grid(tmp_path):

@@ -47,11 +47,11 @@ class SpriteTables:
     """Every paddle one image can draw, by sprite id (seeds, then growth candidates)."""
 
     inks: UInt8[np.ndarray, "n k k"]
-    masks: UInt8[np.ndarray, "n k k"]
+    masks: Float[np.ndarray, "n k k"]  # each paddle's mask values (kernels.sprite_values)
     angles: Float[np.ndarray, " n"]  # direction of each sprite's paddle
     heads: Int[np.ndarray, "c 2"]  # candidate head offsets from the pivot (row, col)
     head_angles: Float[np.ndarray, " c"]  # direction from the pivot to each candidate
-    wides: UInt8[np.ndarray, "n w w"]  # masks grey-dilated by the margin's disc
+    wides: Float[np.ndarray, "n w w"]  # the masks grey-dilated by the margin's disc
     seed_offsets: Int[np.ndarray, "360 o 2"]
     seed_counts: Int[np.ndarray, " 360"]
     reach: Bool[np.ndarray, " 360"]
@@ -95,9 +95,11 @@ def sprite_tables(length: int, thickness: float, margin: int, antialias: int, si
     reach = np.array([draw.seed_reaches_everywhere(*shape, float(a), size)
                       for a in angles[:360]])
     return SpriteTables(
-        inks=np.stack([ink for ink, _ in pairs]), masks=np.stack([m for _, m in pairs]),
+        inks=np.stack([ink for ink, _ in pairs]),
+        masks=kernels.sprite_values(np.stack([m for _, m in pairs]), 1.0),
         angles=angles, heads=heads, head_angles=head_angles,
-        wides=np.stack([dilate(m, draw.disc(margin)) for _, m in pairs]),
+        wides=kernels.sprite_values(np.stack([dilate(m, draw.disc(margin)) for _, m in pairs]),
+                                    1.0),
         seed_offsets=table, seed_counts=counts, reach=reach)
 
 
@@ -131,6 +133,18 @@ class Scene:
         return canvas
 
 
+_TURN_TABLES: dict[tuple[bytes, float], np.ndarray] = {}
+
+
+def turn_table(head_angles: Float[np.ndarray, " c"], continuity: float
+               ) -> Float[np.ndarray, "n c"]:
+    """``kernels.turn_weights`` of one resolution, computed once per process."""
+    key = (head_angles.tobytes(), continuity)
+    if key not in _TURN_TABLES:
+        _TURN_TABLES[key] = kernels.turn_weights(head_angles, continuity)
+    return _TURN_TABLES[key]
+
+
 def grow(p: PathfinderParams, rng: np.random.Generator) -> Scene:
     """The two targets and the distractors that fitted, drawn from ``rng``."""
     return grow_with_masks(p, rng)[0]
@@ -150,9 +164,10 @@ def grow_with_masks(p: PathfinderParams, rng: np.random.Generator
     angles = np.zeros(2 + p.num_distractors)
     count, drawn = kernels.grow(
         rng, mask, dilated, backup, free, paddles, state, angles, t.masks, t.wides, t.heads,
-        t.head_angles, t.seed_offsets, t.seed_counts, t.reach, p.padding, p.seed_distance,
-        p.paddle_length, margin, p.continuity, p.contour_length, p.num_distractors,
-        p.distractor_length, p.paddle_retries, p.distractor_retries, MAX_ATTEMPTS)
+        t.head_angles, turn_table(t.head_angles, p.continuity), t.seed_offsets, t.seed_counts,
+        t.reach, p.padding, p.seed_distance, p.paddle_length, margin, p.contour_length,
+        p.num_distractors, p.distractor_length, p.paddle_retries, p.distractor_retries,
+        MAX_ATTEMPTS)
     if count < 0:
         raise GrowthError(f"two {p.contour_length}-paddle target contours did not fit a "
                           f"{p.size}px image in {MAX_ATTEMPTS} attempts")

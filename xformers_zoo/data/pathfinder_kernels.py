@@ -37,6 +37,22 @@ def flip(angle):
 
 
 @njit(cache=True)
+def turn_weights(head_angles, continuity):
+    """``cos(min(continuity * turn, pi/2))^2`` for a contour heading as sprite ``s`` (its
+    row) turning to candidate head ``j`` (its column): the direction part of a candidate's
+    weight, the same for every image of a resolution."""
+    k = head_angles.shape[0]
+    table = np.zeros((SEED_SPRITES + k, k))
+    for s in range(SEED_SPRITES + k):
+        heading = (s - 180) * math.pi / 180 if s < SEED_SPRITES else head_angles[s - SEED_SPRITES]
+        for j in range(k):
+            turn = abs(head_angles[j] - heading)
+            turn = min(min(turn, 2 * math.pi - turn) * continuity, 0.5 * math.pi)
+            table[s, j] = max(math.cos(turn), 0.0) ** 2
+    return table
+
+
+@njit(cache=True)
 def seed_pivot(row, col, angle, length, margin, side):
     """The pivot of a seed paddle at (row, col) along ``angle``; (-1, -1) if its head or pivot
     leaves the image."""
@@ -48,21 +64,31 @@ def seed_pivot(row, col, angle, length, margin, side):
 
 
 @njit(cache=True)
-def overlay(canvas, sprite, row, col, contrast, check):
-    """The sprite centred on (row, col), clipped, its values ``sprite / 255 * contrast``
-    rounded to float32 (the original's paddle images were float32). ``check``: returns whether
-    ``max(canvas + values) < ACCEPT_LIMIT`` (the original's overlap test) and changes nothing;
-    otherwise max-combines the values into ``canvas`` and returns True."""
-    side, half = canvas.shape[0], sprite.shape[0] // 2
-    for a in range(sprite.shape[0]):
+def sprite_values(sprites, contrast):
+    """8-bit sprites as the values they draw: ``sprite / 255 * contrast`` rounded to float32
+    (the original's paddle images were float32), as float64."""
+    values = np.zeros(sprites.shape)
+    flat, out = sprites.reshape(-1), values.reshape(-1)
+    for i in range(flat.shape[0]):
+        out[i] = np.float64(np.float32(flat[i] / 255.0 * contrast))
+    return values
+
+
+@njit(cache=True)
+def overlay(canvas, values, row, col, check):
+    """Sprite ``values`` (``sprite_values``) centred on (row, col), clipped. ``check``:
+    returns whether ``max(canvas + values) < ACCEPT_LIMIT`` (the original's overlap test) and
+    changes nothing; otherwise max-combines the values into ``canvas`` and returns True."""
+    side, half = canvas.shape[0], values.shape[0] // 2
+    for a in range(values.shape[0]):
         r = row + a - half
         if not 0 <= r < side:
             continue
-        for b in range(sprite.shape[1]):
+        for b in range(values.shape[1]):
             c = col + b - half
-            if not (0 <= c < side and sprite[a, b]):
+            value = values[a, b]
+            if not (0 <= c < side and value > 0.0):
                 continue
-            value = np.float64(np.float32(sprite[a, b] / 255.0 * contrast))
             if check:
                 if canvas[r, c] + value >= ACCEPT_LIMIT:
                     return False
@@ -76,24 +102,25 @@ def settle(mask, dilated, masks, wides, sprite, row, col):
     """Adds a paddle's mask to the occupancy mask, and its dilation by the margin to the
     mask's dilation (dilation commutes with max; near the edges the frame already fills the
     dilation, so the sprite's clipped parts never matter)."""
-    overlay(mask, masks[sprite], row, col, 1.0, False)
-    overlay(dilated, wides[sprite], row, col, 1.0, False)
+    overlay(mask, masks[sprite], row, col, False)
+    overlay(dilated, wides[sprite], row, col, False)
 
 
 @njit(cache=True)
 def extend(rng, mask, dilated, state, angles, paddles, count, contour, masks, wides, heads,
-           head_angles, length, margin, continuity, retries):
+           head_angles, turns, cumulative, length, margin, retries):
     """Grows ``contour`` by one paddle; returns the new paddle count, or -1 if it is stuck.
 
     ``state[contour]``: pivot row, col, pending paddle row, col, sprite id; ``angles[contour]``
     its direction. Candidate heads lie on a circle of ``length + margin`` around the new pivot,
-    weighted by cos(min(continuity * turn, pi/2))^2 times how free the occupancy mask dilated
-    by the margin (``dilated``, kept in step with ``mask``) is there."""
+    weighted by cos(min(continuity * turn, pi/2))^2 (``turns``, by the contour's sprite id and
+    the head) times how free the occupancy mask dilated by the margin (``dilated``, kept in
+    step with ``mask``) is there. ``cumulative``: room for one value per head."""
     side = mask.shape[0]
     pr, pc = translate(state[contour, 0], state[contour, 1], angles[contour],
                        length + 2 * margin)
     k = heads.shape[0]
-    cumulative = np.zeros(k)
+    turning = turns[state[contour, 4]]
     total, first = 0.0, -1
     for j in range(k):
         hr, hc = pr + heads[j, 0], pc + heads[j, 1]
@@ -102,10 +129,7 @@ def extend(rng, mask, dilated, state, angles, paddles, count, contour, masks, wi
             continue
         if first < 0:
             first = j
-        taken = dilated[hr, hc]
-        turn = abs(head_angles[j] - angles[contour])
-        turn = min(min(turn, 2 * math.pi - turn) * continuity, 0.5 * math.pi)
-        weight = (1.0 - taken) * max(math.cos(turn), 0.0) ** 2
+        weight = (1.0 - dilated[hr, hc]) * turning[j]
         cumulative[j] = weight
         total += weight
     if first < 0 or total < MIN_WEIGHT:
@@ -124,7 +148,7 @@ def extend(rng, mask, dilated, state, angles, paddles, count, contour, masks, wi
                 break
         hr, hc = pr + heads[pick, 0], pc + heads[pick, 1]
         sprite = SEED_SPRITES + pick
-        if overlay(mask, masks[sprite], hr, hc, 1.0, True):
+        if overlay(mask, masks[sprite], hr, hc, True):
             settle(mask, dilated, masks, wides, state[contour, 4], state[contour, 2],
                    state[contour, 3])
             state[contour, 0], state[contour, 1] = pr, pc
@@ -141,20 +165,23 @@ def free_starts(mask, frame, offsets, out):
     """Writes to ``out`` the flat indices of the pixels p where no offset lands on a taken
     pixel (occupancy above OCCUPIED, or within ``frame`` px of the edge); offsets that leave the
     image are ignored. Returns how many."""
-    side, n = mask.shape[0], 0
+    # Marks the pixels each taken pixel rules out rather than testing every offset of every
+    # pixel: taken pixels are few, so this is about ten times less work at 128 px and above.
+    side = mask.shape[0]
+    blocked = np.zeros(side * side, np.bool_)
     for r in range(side):
         for c in range(side):
-            free = True
-            for o in range(offsets.shape[0]):
-                rr, cc = r + offsets[o, 0], c + offsets[o, 1]
-                if 0 <= rr < side and 0 <= cc < side and (
-                        rr < frame or rr >= side - frame or cc < frame or cc >= side - frame
-                        or mask[rr, cc] > OCCUPIED):
-                    free = False
-                    break
-            if free:
-                out[n] = r * side + c
-                n += 1
+            if (r < frame or r >= side - frame or c < frame or c >= side - frame
+                    or mask[r, c] > OCCUPIED):
+                for o in range(offsets.shape[0]):
+                    pr, pc = r - offsets[o, 0], c - offsets[o, 1]
+                    if 0 <= pr < side and 0 <= pc < side:
+                        blocked[pr * side + pc] = True
+    n = 0
+    for i in range(side * side):
+        if not blocked[i]:
+            out[n] = i
+            n += 1
     return n
 
 
@@ -237,9 +264,25 @@ def frame(mask, width):
 
 
 @njit(cache=True)
+def unframe(mask, width, paddles, count, around):
+    """Returns ``mask`` to the frame of ``frame(mask, width)`` inside the box that holds the
+    first ``count`` paddles of ``paddles`` with ``around`` px about each: a failed target
+    attempt touched nothing else, and clearing the box costs far less than the whole image."""
+    side = mask.shape[0]
+    r0, r1, c0, c1 = side, -1, side, -1
+    for i in range(count):
+        r0, r1 = min(r0, paddles[i, 0] - around), max(r1, paddles[i, 0] + around)
+        c0, c1 = min(c0, paddles[i, 1] - around), max(c1, paddles[i, 1] + around)
+    for r in range(max(r0, 0), min(r1 + 1, side)):
+        edge_row = r < width or r >= side - width
+        for c in range(max(c0, 0), min(c1 + 1, side)):
+            mask[r, c] = 1.0 if edge_row or c < width or c >= side - width else 0.0
+
+
+@njit(cache=True)
 def grow(rng, mask, dilated, backup, free, paddles, state, angles, masks, wides, heads,
-         head_angles, seed_offsets, seed_counts, reach, padding, seed_distance, length, margin,
-         continuity, contour_length, distractors, distractor_length, retries, distractor_retries,
+         head_angles, turns, seed_offsets, seed_counts, reach, padding, seed_distance, length,
+         margin, contour_length, distractors, distractor_length, retries, distractor_retries,
          max_attempts):
     """Two target contours (attempts repeated until both grow to ``contour_length``), then up
     to ``distractors`` distractor contours, each tried ``distractor_retries + 1`` times and
@@ -247,10 +290,13 @@ def grow(rng, mask, dilated, backup, free, paddles, state, angles, masks, wides,
     targets never fitted."""
     side = mask.shape[0]
     band = max(padding, 2 * seed_distance)
+    cumulative = np.zeros(heads.shape[0])
     count = -1
+    # half a sprite: every pixel a settled paddle (mask or dilation) touches lies this near it
+    sprite_half = max(masks.shape[1], wides.shape[1]) // 2
+    frame(mask, padding)
+    frame(dilated, padding + margin)
     for _ in range(max_attempts):
-        frame(mask, padding)
-        frame(dilated, padding + margin)
         first = seed(rng, mask, band, True, seed_offsets, seed_counts, reach, free, length,
                      margin, retries)
         if first[0] < 0:
@@ -261,14 +307,18 @@ def grow(rng, mask, dilated, backup, free, paddles, state, angles, masks, wides,
             continue
         count = start_contour(state, angles, paddles, 0, 0, first)
         count = start_contour(state, angles, paddles, count, 1, second)
+        placed = count
         for _ in range(contour_length - 1):
             for contour in range(2):
                 if count >= 0:
                     count = extend(rng, mask, dilated, state, angles, paddles, count, contour,
-                                   masks, wides, heads, head_angles, length, margin,
-                                   continuity, retries)
+                                   masks, wides, heads, head_angles, turns, cumulative, length,
+                                   margin, retries)
+                    placed = max(placed, count)
         if count >= 0:
             break
+        unframe(mask, padding, paddles, placed, sprite_half)
+        unframe(dilated, padding + margin, paddles, placed, sprite_half)
     if count < 0:
         return -1, 0
     # the second target's last mask joins, as in the original; the first target's never does
@@ -289,8 +339,8 @@ def grow(rng, mask, dilated, backup, free, paddles, state, angles, masks, wides,
             for _ in range(distractor_length - 1):
                 if count >= 0:
                     count = extend(rng, mask, dilated, state, angles, paddles, count, contour,
-                                   masks, wides, heads, head_angles, length, margin,
-                                   continuity, retries)
+                                   masks, wides, heads, head_angles, turns, cumulative, length,
+                                   margin, retries)
             if count < 0:
                 mask[:] = backup[0]
                 dilated[:] = backup[1]
@@ -307,5 +357,5 @@ def grow(rng, mask, dilated, backup, free, paddles, state, angles, masks, wides,
 def render(canvas, paddles, count, inks, contrasts):
     """Max-combines every paddle's ink sprite times its contour's contrast into ``canvas``."""
     for i in range(count):
-        overlay(canvas, inks[paddles[i, 2]], paddles[i, 0], paddles[i, 1],
-                contrasts[paddles[i, 3]], False)
+        overlay(canvas, sprite_values(inks[paddles[i, 2]], contrasts[paddles[i, 3]]),
+                paddles[i, 0], paddles[i, 1], False)
