@@ -4,6 +4,7 @@ every subcommand, the divergence message, unreadable final.json files in a table
 that reading a run must not leave behind."""
 
 import json
+import logging
 import math
 import os
 
@@ -155,6 +156,18 @@ def test_every_subcommand_takes_overrides_anywhere(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):]) == {"train": 30, "validation": 5, "test": 6}
+    # a build says how long each split took to generate
+    assert "listops train: 30 examples generated in" in out and "listops: built in" in out
+
+
+def test_verbose_logs_at_info_level(tmp_path, capsys):
+    # a warning logged while the parser was built must not turn --verbose into a no-op
+    logging.warning("a library logging before the command line is parsed")
+    code = cli.main(["-v", "data", "prepare", "listops", "--preset", "tiny",
+                     "data.train_size=20", f"data.data_dir={tmp_path}", "data.val_size=5",
+                     "data.test_size=5", "data.workers=1", "data.max_length=32"])
+    assert code == 0
+    assert "INFO xformers_zoo.data: preparing listops/" in capsys.readouterr().err
 
 
 def test_table_skips_an_unreadable_final_json_naming_it(tmp_path, caplog):

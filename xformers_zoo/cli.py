@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from xformers_zoo.overrides import ConfigError, parse_assignments
@@ -73,7 +74,14 @@ def cmd_data_prepare(args) -> int:
 
     overrides = parse_assignments(args.overrides)
     cfg = resolve_config(args.task, presets=args.preset, overrides=overrides)
+    start = time.perf_counter()
     builder = data.prepare(cfg.data)
+    seconds = time.perf_counter() - start
+    for split, (count, spent) in builder.generated.items():
+        print(f"{args.task} {split}: {count} examples generated in {spent:.1f} s "
+              f"({count / max(spent, 1e-9):.0f}/s)")
+    if builder.generated:
+        print(f"{args.task}: built in {seconds:.1f} s")
     sizes = {split: len(data.data_source(cfg.data, split))
              for split in ("train", "validation", "test")}
     print(f"{args.task}: {builder.data_dir} {json.dumps(sizes)}")
@@ -221,8 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return importlib.import_module(module_name).main(
                 argv[argv.index(command[-1]) + 1:])
     args = parse_args(argv)
+    # force: a library that logged while the parser was built has already given the root
+    # logger a WARNING handler, which would make this call (and --verbose) a no-op.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     _quiet_libraries()
     from xformers_zoo.train.loop import TrainingDivergedError
 

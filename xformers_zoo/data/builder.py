@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from xformers_zoo.task_specs import TASKS
 
 log = logging.getLogger("xformers_zoo.data")
 
+# Seconds between progress lines while a split is generated (logged at INFO, `-v`).
+PROGRESS_EVERY_S = 30.0
+
 # The layout in which this builder stores examples (2: token sequences as raw bytes). It is part
 # of every data set's name, so a set written in an older layout is rebuilt, never misread.
 STORAGE_FORMAT = 2
@@ -42,6 +46,8 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, data_config: DataConfig, name: str | None = None, **kwargs):
         self._data_config = data_config
+        # split -> (examples, seconds to generate them), filled as a build generates its splits
+        self.generated: dict[str, tuple[int, float]] = {}
         name = name or build_name(self.SOURCE, data_config)
         super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
@@ -71,6 +77,8 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split):
         length = effective_length(self._data_config)
+        start = last_report = time.perf_counter()
+        count = 0
         for key, example in self.SOURCE.examples(split, self._data_config):
             for field in ("inputs", "inputs2"):
                 if field in example and len(example[field]) > length:
@@ -79,6 +87,13 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder):
                         f"tokens, more than data.max_length={length}; raise data.max_length "
                         f"(the task's LRA length is {TASKS.get(self.SOURCE.task).max_length})")
             yield key, example
+            count += 1
+            now = time.perf_counter()
+            if now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                log.info("%s %s: %d examples in %.0f s", self.SOURCE.task, split, count,
+                         now - start)
+        self.generated[split] = (count, time.perf_counter() - start)
 
 
 def build_name(source: DataSource, config: DataConfig) -> str:
