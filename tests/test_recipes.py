@@ -152,6 +152,17 @@ def test_a_rerun_reuses_finished_stages_without_training(chained, capsys):
     assert "stage 2 (finetune): done, reused" in capsys.readouterr().out
 
 
+def test_the_command_reuses_finished_stages_and_prints_the_final_result(chained, capsys):
+    root, stages, results = chained
+    assert cli.main(["train", "--task", "listops", "--recipe", "self-pretrain", "--preset",
+                     "tiny", "--workdir", str(root / "run"), *TINY,
+                     f"data.data_dir={root / 'data'}"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 pretrain (listops): done, reused (test masked-token accuracy" in out
+    assert f"self-pretrain ({stages[1].workdir}): test accuracy " in out
+    assert json.loads(out[out.index("\n{") + 1:out.rindex("}") + 1]) == results[1]
+
+
 def test_a_stage_whose_config_changed_is_refused_naming_the_field(chained):
     root, _, _ = chained
     changed = plan(root / "run", root / "data", "pretrain:train.mask_rate=0.3")
