@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["xformers_zoo", "xformers_zoo.models", "xformers_zoo.kernels",
                "xformers_zoo.train", "xformers_zoo.configs", "xformers_zoo.data",
-               "xformers_zoo.layers", "xformers_zoo.bench"]
+               "xformers_zoo.layers", "xformers_zoo.bench", "xformers_zoo.recipes"]
 
 
 @pytest.mark.slow
@@ -46,6 +46,8 @@ def test_wheel_installs_and_imports_every_subpackage(tmp_path):
         "assert {'data', 'kernels', 'speed'} <= set(BENCHMARKS), BENCHMARKS.names()\n"
         "assert set(IMPLEMENTATIONS) == {'xla', 'cudnn', 'pallas'}, IMPLEMENTATIONS.names()\n"
         "assert set(SOURCES) == set(xformers_zoo.TASKS), SOURCES.names()\n"
+        "from xformers_zoo.recipes import RECIPES\n"
+        "assert {'curriculum', 'self-pretrain'} <= set(RECIPES), RECIPES.names()\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                          text=True, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})

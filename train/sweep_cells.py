@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xformers_zoo.configs import ExperimentConfig, resolve_config
-from xformers_zoo.overrides import ConfigError, parse_assignments
+from xformers_zoo.overrides import parse_assignments, parse_scoped
 from xformers_zoo.task_specs import TASK_CONFIGS, TASKS
 from xformers_zoo.train.metrics import read_metrics_lenient
 from xformers_zoo.variants import VARIANTS
@@ -54,19 +54,7 @@ class Cell:
 def split_scoped(items: Sequence[str]) -> list[tuple[str | None, str]]:
     """``[scope:]section.field=value`` items as (scope or None, assignment); a scope must name
     a registered task or variant."""
-    out = []
-    for item in items:
-        scope, sep, assignment = item.partition(":")
-        if not sep or "=" in scope:
-            out.append((None, item))
-            continue
-        if scope not in TASKS.names() and scope not in VARIANTS.names():
-            raise ConfigError(f"override {item!r}: {scope!r} is neither a task "
-                              f"({', '.join(TASKS.names())}) nor a variant "
-                              f"({', '.join(VARIANTS.names())})")
-        out.append((scope, assignment))
-    parse_assignments([a for _, a in out])  # a malformed assignment fails here, naming it
-    return out
+    return parse_scoped(items, {"task": TASKS.names(), "variant": VARIANTS.names()})
 
 
 def make_cells(sweep_dir: Path, tasks: Sequence[str], variants: Sequence[str],

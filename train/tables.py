@@ -49,3 +49,15 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             cells.append(fmt.format(value * _SCALE[key] if key in _SCALE else value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line of a finished run's ``final.json``: test accuracy beside the majority rate,
+    and the best validation step (masked-token accuracy for a self-pretraining run)."""
+    masked = result.get("objective") == "masked"
+    what, base = ("masked-token accuracy", "most frequent token") if masked else (
+        "accuracy", "majority class")
+    return (f"test {what} {100 * result['test_accuracy']:.2f}% on {result['test_examples']} "
+            f"{'tokens' if masked else 'examples'} ({base} {100 * result['majority_rate']:.2f}%),"
+            f" best validation {100 * result['best_val_accuracy']:.2f}% at step "
+            f"{result['best_step']}")

@@ -1,4 +1,4 @@
-"""The ``xformers-zoo`` command: models | data | train | eval | table | bench."""
+"""The ``xformers-zoo`` command: models | data | train | recipes | eval | table | bench."""
 
 from __future__ import annotations
 
@@ -88,22 +88,63 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def _default_workdir(args, variant: str) -> str:
+    """runs/<task>-<model>[-<recipe>][-<preset>...]"""
+    recipe = [args.recipe] if args.recipe else []
+    return f"runs/{args.task}-{variant}" + "".join(f"-{p}" for p in recipe + args.preset)
+
+
 def cmd_train(args) -> int:
-    """Trains one variant on one task and prints test accuracy beside the majority class."""
+    """Trains one variant on one task (or runs a recipe's stages, ``--recipe``) and prints test
+    accuracy beside the majority class."""
     from xformers_zoo import overrides as cfglib
     from xformers_zoo.configs import resolve_config
     from xformers_zoo.train import run
+    from xformers_zoo.train.tables import summary_line
 
+    if args.recipe:
+        return _train_recipe(args)
+    if args.dry_run:
+        raise ValueError("--dry-run describes the stages of a recipe; give --recipe NAME "
+                         "(xformers-zoo recipes lists them)")
     cfg = resolve_config(args.task, args.model, presets=args.preset,
                          overrides=parse_assignments(args.overrides))
-    workdir = args.workdir or f"runs/{args.task}-{cfg.model.variant}" + "".join(
-        f"-{p}" for p in args.preset)
+    workdir = args.workdir or _default_workdir(args, cfg.model.variant)
     print(f"config ({workdir}/config.json):\n{cfglib.dumps(cfg)}", flush=True)
     result = run(cfg, workdir, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
-    print(f"test accuracy {100 * result['test_accuracy']:.2f}% on {result['test_examples']} "
-          f"examples (majority class {100 * result['majority_rate']:.2f}%), best validation "
-          f"{100 * result['best_val_accuracy']:.2f}% at step {result['best_step']}")
+    print(summary_line(result))
+    return 0
+
+
+def _train_recipe(args) -> int:
+    """Plans a recipe's stages, prints them, and (unless ``--dry-run``) trains them."""
+    from xformers_zoo.recipes import check_stages, describe_stages, plan_recipe, run_stages
+    from xformers_zoo.train.tables import summary_line
+
+    workdir = args.workdir or _default_workdir(args, args.model)
+    stages = plan_recipe(args.recipe, args.task, args.model, args.preset, args.overrides,
+                         workdir)
+    print(describe_stages(args.recipe, stages, check_stages(stages)), flush=True)
+    if args.dry_run:
+        return 0
+    results = run_stages(stages, progress=not args.no_progress,
+                         echo=lambda line: print(line, flush=True))
+    print(json.dumps(results[-1], indent=2))
+    print(f"{args.recipe} ({stages[-1].workdir}): {summary_line(results[-1])}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    """Lists the registered recipes and their stages' rule for overrides."""
+    from xformers_zoo.recipes import RECIPES
+
+    del args
+    for name, recipe in RECIPES.items():
+        print(f"{name:<15} {recipe.summary} ({recipe.paper})")
+    print("\nRun one with `xformers-zoo train --task T --model V --recipe NAME` (--dry-run "
+          "prints its stages). Overrides: model.* and data.* reach every stage, train.* the "
+          "final one; STAGE:section.field=value reaches one stage.")
     return 0
 
 
@@ -154,10 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="listops")
     p.add_argument("--model", default="full", help="attention variant (xformers-zoo models)")
     p.add_argument("--preset", action="append", default=[], help="tiny, lra (repeatable)")
-    p.add_argument("--workdir", help="run directory (default runs/<task>-<model>[-preset])")
+    p.add_argument("--workdir", help="run directory, or the folder of a recipe's stages (default "
+                   "runs/<task>-<model>[-<recipe>][-<preset>])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--recipe", help="train a recipe's stages, each from the previous one "
+                   "(xformers-zoo recipes lists them)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --recipe: print the stages, their configs and status, train nothing")
     _takes_overrides(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list the recipes of train --recipe")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval", help="score a run's checkpoint on a split")
     p.add_argument("--workdir", required=True)

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin
 
 
@@ -179,4 +179,25 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
         out[key.strip()] = value.strip()
+    return out
+
+
+def parse_scoped(items: Sequence[str],
+                 scopes: Mapping[str, Sequence[str]]) -> list[tuple[str | None, str]]:
+    """``[scope:]section.field=value`` items as (scope or None, assignment). A scope must be one
+    of the names in ``scopes`` (what they are -> names, e.g. {"task": [...]}, for the error
+    message); a malformed assignment raises naming it."""
+    known = {name for names in scopes.values() for name in names}
+    out: list[tuple[str | None, str]] = []
+    for item in items:
+        scope, sep, assignment = item.partition(":")
+        if not sep or "=" in scope:  # no scope, or a value holding a colon
+            out.append((None, item))
+            continue
+        if scope not in known:
+            kinds = [f"a {kind} ({', '.join(names)})" for kind, names in scopes.items()]
+            raise ConfigError(f"override {item!r}: {scope!r} is "
+                              f"{'neither ' if len(kinds) > 1 else 'not '}{' nor '.join(kinds)}")
+        out.append((scope, assignment))
+    parse_assignments([a for _, a in out])
     return out
