@@ -19,8 +19,9 @@ length): its blocks, one visiting key/value block and one dK/dV accumulator in f
 implementation's own per-block memory; nothing grows with the number of devices. Transfers per
 device: n - 1 key/value hops forward, n - 1 key/value and n dK/dV hops backward.
 
-Attention dropout draws each block pair's decisions from ``fold_in(rng, i * n + j)``: valid
-dropout, but not the decisions an unsharded call with the same key would draw.
+Attention dropout draws each block pair's decisions from ``fold_in(rng, i * n + j)`` (first
+folded with the batch shard's index when other mesh axes split the batch): valid dropout, but
+not the decisions an unsharded call with the same key would draw.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def ring_attention(
                         block_mask=block_mask, predicate=predicate)
     scale = float(head_dim ** -0.5 if scale is None else scale)
     ring = _ring(impl.blockwise, pairs, axis, scale, float(dropout_rate), key_mask_is_prefix)
+    if dropout_rate > 0.0 and batch_axes:
+        # Batch shards must not draw the same decisions: each folds in its index first.
+        ring = _fold_batch_shard(ring, batch_axes)
 
     rows = PartitionSpec(batch_axes or None, axis)
     args, specs = [q, k, v], [rows, rows, rows]
@@ -134,6 +138,13 @@ def ring_attention(
     # called eagerly: the kernels' host-side tile schedules cannot be built in eager shard_map.
     return jax.jit(jax.shard_map(local_ring, mesh=mesh, in_specs=tuple(specs), out_specs=rows,
                                  check_vma=False))(*args)
+
+
+def _fold_batch_shard(ring, batch_axes: tuple[str, ...]):
+    """``ring`` with its dropout key folded with the device's batch shard index."""
+    def folded(q, k, v, mask, rng):
+        return ring(q, k, v, mask, jax.random.fold_in(rng, lax.axis_index(batch_axes)))
+    return folded
 
 
 def _rotate(tree, axis: str, shards: int):

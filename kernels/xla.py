@@ -59,8 +59,10 @@ def attention_mask(
     return mask
 
 
-def _masked_logits(q, k, *, key_mask, block_mask, scale, causal, mask_predicate,
-                   ) -> tuple[Float[Array, "b h q k"], Bool[Array, "b h q k"] | None]:
+def _masked_logits(
+    q: Float[Array, "b q h d"], k: Float[Array, "b k h d"], *, key_mask=None, block_mask=None,
+    scale=None, causal=False, mask_predicate=None,
+) -> tuple[Float[Array, "b h q k"], Bool[Array, "b h q k"] | None]:
     """Scaled float32 logits with masked pairs set to ``MASKED``, and the mask (None: all)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
