@@ -79,20 +79,16 @@ def xla_attention_with_lse(
     k: Float[Array, "b k h d"],
     v: Float[Array, "b k h d"],
     *,
-    key_mask: Bool[Array, "b k"] | None = None,
-    block_mask: BlockMask | None = None,
-    scale: float | None = None,
-    causal: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     key_mask_is_prefix: bool = False,
-    mask_predicate: MaskPredicate | None = None,
+    **masks,
 ) -> tuple[Float[Array, "b q h d"], Float[Array, "b h q"]]:
     """``xla_attention``'s output and the natural-log log-sum-exp ``[b, h, q]`` of each row's
-    scaled logits over its visible keys (-inf for a row that sees none)."""
+    scaled logits over its visible keys (-inf for a row that sees none); ``masks``: the
+    key_mask, block_mask, scale, causal and mask_predicate options of ``xla_attention``."""
     del key_mask_is_prefix
-    logits, mask = _masked_logits(q, k, key_mask=key_mask, block_mask=block_mask, scale=scale,
-                                  causal=causal, mask_predicate=mask_predicate)
+    logits, mask = _masked_logits(q, k, **masks)
     weights = jax.nn.softmax(logits, axis=-1)
     lse = jax.nn.logsumexp(logits, axis=-1)
     if mask is not None:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from xformers_zoo.kernels import BlockMask, dot_product_attention, masks  # noqa: E402
 from xformers_zoo.kernels import predicates as pred  # noqa: E402
+from xformers_zoo.kernels.ring_blocks import pair_blocks  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -83,6 +84,48 @@ def dropout_reference(rate, rng, shards, batch_shards=1):
         weights = jnp.where(keep, jax.nn.softmax(logits, -1) / (1.0 - rate), 0.0)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return attend
+
+
+def lowered_for_cuda():
+    """Forward and backward of ring attention with the Triton-family kernels (not interpreted)
+    lowered for CUDA on a 4-device ring with a Longformer pattern: how many kernel launches,
+    ring transfers and switch branches the program holds."""
+    import dataclasses
+
+    from xformers_zoo.kernels import IMPLEMENTATIONS, BlockwiseAttention, ring_attention
+    from xformers_zoo.kernels.pallas_attention import (
+        pallas_backward_from_lse,
+        pallas_forward_with_lse,
+    )
+
+    compiled = dict(interpret=False, kernels="triton")
+    pallas = IMPLEMENTATIONS.get("pallas")
+    IMPLEMENTATIONS.register("pallas-cuda", dataclasses.replace(
+        pallas, name="pallas-cuda", rejects=lambda call: None, blockwise=BlockwiseAttention(
+            forward=lambda *a, **o: pallas_forward_with_lse(*a, **compiled, **o),
+            backward=lambda *a, **o: pallas_backward_from_lse(*a, **compiled, **o))))
+    mesh = Mesh(DEVICES[:4], ("seq",))
+    x = jnp.zeros((2, 1024, 2, 64), jnp.bfloat16)
+    key_mask = jnp.ones((2, 1024), bool)
+    pattern = pred.union(pred.sliding_window(128), pred.global_tokens(64))
+
+    def forward_backward(q, k, v, key_mask):
+        out, vjp = jax.vjp(lambda q, k, v: ring_attention(
+            q, k, v, mesh=mesh, key_mask=key_mask, implementation=("pallas-cuda",),
+            mask_predicate=pattern), q, k, v)
+        return vjp(out)
+
+    text = jax.jit(forward_backward).trace(x, x, x, key_mask).lower(
+        lowering_platforms=("cuda",)).as_text()
+    # Each ring step runs one branch per distinct non-empty pair the devices meet there: a
+    # forward launch and two backward launches (dK/dV, dQ) each.
+    pairs = pair_blocks(4, 1024, 1024, batch=2, heads=2, causal=False, block_mask=None,
+                        predicate=pattern)
+    branches = sum(len({id(p) for i, row in enumerate(pairs) for p in [row[(i - s) % 4]]
+                        if not p.skip}) for s in range(4))
+    return {"kernels": text.count("__gpu$xla.gpu.triton"), "expected_kernels": 3 * branches,
+            "transfers": text.count("collective_permute"),
+            "skipped_pairs": sum(p.skip for row in pairs for p in row)}
 
 
 def refusal(mesh, length, implementation=("xla",), **options):
@@ -151,6 +194,7 @@ def main(names):
             SEQ_2, {"mask_predicate": LONGFORMER, "key_mask": True}, length=64,
             implementation=("pallas",)),
         "model_longformer": lambda: model_differences("longformer", block=16, window=24),
+        "lowered_for_cuda": lowered_for_cuda,
         "refuse_length": lambda: refusal(SEQ_8, 100),
         "refuse_no_seq_axis": lambda: refusal(Mesh(DEVICES, ("data",)), 128),
         "refuse_tiles": lambda: refusal(SEQ_8, 128, block_mask=BlockMask(

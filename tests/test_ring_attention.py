@@ -2,10 +2,10 @@
 devices, forward and q, k, v gradients in float32: dense, key padding (a sequence whose last
 device blocks are all padding), causal, a block mask, Longformer- and BigBird-style predicates
 (with random tiles), attention dropout, the Pallas kernels in interpret mode, and a whole model
-with the option set; and the refusals. Those run in subprocesses (tests/ring_attention_cases.py)
-because the device count is fixed when JAX starts. In this process: which device block pairs
-are skipped, the blockwise passes of each implementation, and the model option's plumbing on a
-one-device ``seq`` mesh."""
+with the option set; the ring with the Triton kernels lowered for CUDA; and the refusals. Those
+run in subprocesses (tests/ring_attention_cases.py) because the device count is fixed when JAX
+starts. In this process: which device block pairs are skipped, the blockwise passes of each
+implementation, and the model option's plumbing on a one-device ``seq`` mesh."""
 
 import json
 import subprocess
@@ -28,7 +28,8 @@ from xformers_zoo.variants import VARIANTS
 
 CASES = Path(__file__).with_name("ring_attention_cases.py")
 GROUPS = {
-    "core": ["dense", "key_padding_data_parallel", "causal", "block_mask", "refuse_length",
+    "core": ["dense", "key_padding_data_parallel", "causal", "block_mask", "lowered_for_cuda",
+             "refuse_length",
              "refuse_no_seq_axis", "refuse_tiles", "refuse_cudnn_only"],
     "sparse": ["longformer_predicate", "bigbird_predicate_tiles", "dropout_data_parallel"],
     "pallas_and_model": ["pallas_key_padding", "pallas_longformer_predicate",
@@ -53,7 +54,7 @@ def check_close(result: dict) -> None:
         assert difference < TOLERANCE, f"{name} differs by {difference}"
 
 
-@pytest.mark.parametrize("case", [c for c in GROUPS["core"] if not c.startswith("refuse")])
+@pytest.mark.parametrize("case", ["dense", "key_padding_data_parallel", "causal", "block_mask"])
 def test_ring_equals_unsharded(case):
     check_close(run_group("core")[case])
 
@@ -68,6 +69,16 @@ def test_ring_equals_unsharded_with_patterns_and_dropout(case):
 @pytest.mark.parametrize("case", GROUPS["pallas_and_model"])
 def test_ring_on_pallas_kernels_and_in_a_model(case):
     check_close(run_group("pallas_and_model")[case])
+
+
+def test_ring_lowers_for_cuda_with_one_kernel_trio_per_distinct_pair():
+    """The Triton-family kernels inside the ring lower for CUDA: n - 1 key/value/mask hops
+    forward, as many backward plus n dK/dV hops, and kernels only for the non-empty pairs."""
+    result = run_group("core")["lowered_for_cuda"]
+    shards = 4
+    assert result["transfers"] == 3 * (shards - 1) * 2 + 2 * shards
+    assert result["kernels"] == result["expected_kernels"]
+    assert result["skipped_pairs"] > 0
 
 
 @pytest.mark.parametrize("case, message", [
