@@ -96,6 +96,8 @@ def ring_attention(
             raise ValueError(f"ring attention: {name} length {length} is not divisible by the "
                              f"{shards} devices of mesh axis {axis!r}; accepted: multiples of "
                              f"{shards}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("ring attention: dropout_rate > 0 needs a dropout_rng")
     if causal and q_len != k_len:
         raise ValueError(f"ring attention: causal needs equal query and key lengths, got "
                          f"{q_len} and {k_len}")
