@@ -1,12 +1,14 @@
 """How exact (optionally block-sparse) softmax attention is computed: ``xla`` (reference),
 ``cudnn`` and ``pallas`` implementations behind one ``dot_product_attention``. Each implementation
 registers itself (``@register_implementation``) in its own module; importing this package imports
-them all."""
+them all. ``ring_attention`` shards the sequence over a mesh axis and runs an implementation's
+blockwise passes around the ring."""
 
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import (
     IMPLEMENTATIONS,
     AttentionCall,
+    BlockwiseAttention,
     KernelImpl,
     NoImplementationError,
     choose_implementation,
@@ -15,6 +17,7 @@ from xformers_zoo.kernels.dispatch import (
     register_implementation,
 )
 from xformers_zoo.kernels.mask_predicate import MaskPredicate
+from xformers_zoo.kernels.ring_attention import ring_attention
 from xformers_zoo.kernels.xla import xla_attention
 from xformers_zoo.registry import import_submodules
 
@@ -24,6 +27,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "AttentionCall",
     "BlockMask",
+    "BlockwiseAttention",
     "KernelImpl",
     "MaskPredicate",
     "NoImplementationError",
@@ -31,5 +35,6 @@ __all__ = [
     "describe_choice",
     "dot_product_attention",
     "register_implementation",
+    "ring_attention",
     "xla_attention",
 ]

@@ -3,7 +3,9 @@ implementation, of those requested, that can serve the call, saying why it passe
 
 Implementations register a ``KernelImpl`` in ``IMPLEMENTATIONS`` by decorating their attention
 function with ``@register_implementation``: a ``rejects`` check that returns a reason (or None)
-from static facts (backend, dtype, shapes, options) and the function itself.
+from static facts (backend, dtype, shapes, options) and the function itself. Those that also
+expose their two passes with the log-sum-exp (``BlockwiseAttention``) can serve ring attention
+over a ``seq`` mesh axis (``sequence_axis``, kernels/ring_attention.py).
 """
 
 from __future__ import annotations
@@ -42,15 +44,35 @@ class AttentionCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockwiseAttention:
+    """An implementation's attention as the two passes that blockwise compositions (ring
+    attention) chain over key blocks, with ``dot_product_attention``'s keyword options:
+
+    ``forward(q, k, v, **options) -> (out, lse)``: the output and the natural-log log-sum-exp
+    ``[b, h, q]`` of each row's scaled, masked logits (-inf for a row that sees no key), so that
+    outputs over several key blocks merge by their LSE (Milakov & Gimelshein 2018, "Online
+    normalizer calculation for softmax").
+
+    ``backward(q, k, v, out, lse, d_out, **options) -> (dq, dk, dv)``: these keys' share of
+    the gradients, given each row's ``out`` and ``lse`` over all the keys it attends to
+    (FlashAttention-2's backward, Dao 2023, needs nothing else from the other blocks)."""
+
+    forward: Callable[..., tuple[jax.Array, jax.Array]]
+    backward: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelImpl:
     """An attention implementation: ``rejects(call)`` gives a reason it cannot serve, or None;
-    ``form(call)``, where given, names the way it serves a call (cuDNN: "plain" or "lengths")."""
+    ``form(call)``, where given, names the way it serves a call (cuDNN: "plain" or "lengths");
+    ``blockwise``, where given, its two passes for ring attention."""
 
     name: str
     fn: Callable[..., jax.Array]
     rejects: Callable[[AttentionCall], str | None]
     description: str = ""
     form: Callable[[AttentionCall], str] | None = None
+    blockwise: BlockwiseAttention | None = None
 
 
 IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")
@@ -62,15 +84,20 @@ def register_implementation(
     rejects: Callable[[AttentionCall], str | None],
     description: str,
     form: Callable[[AttentionCall], str] | None = None,
+    blockwise: BlockwiseAttention | None = None,
 ) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
     """Decorator registering an attention function as implementation ``name`` (see
-    ``KernelImpl`` for ``rejects`` and ``form``); returns the function unchanged."""
+    ``KernelImpl`` for ``rejects``, ``form`` and ``blockwise``); returns the function
+    unchanged."""
 
     def wrap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-        IMPLEMENTATIONS.register(name, KernelImpl(name, fn, rejects, description, form=form))
+        IMPLEMENTATIONS.register(name, KernelImpl(name, fn, rejects, description, form=form,
+                                                  blockwise=blockwise))
         return fn
 
     return wrap
+
+
 _explained: set[tuple] = set()
 
 
@@ -79,16 +106,19 @@ class NoImplementationError(ValueError):
 
 
 def choose_implementation(
-    call: AttentionCall, implementation: Sequence[str]
+    call: AttentionCall, implementation: Sequence[str], *, blockwise: bool = False
 ) -> tuple[KernelImpl, list[tuple[str, str]]]:
-    """Returns the first implementation that accepts ``call`` and the (name, reason) of those
-    skipped before it; raises NoImplementationError when none accepts."""
+    """Returns the first implementation that accepts ``call`` (and, with ``blockwise``, has
+    ``BlockwiseAttention`` passes) and the (name, reason) of those skipped before it; raises
+    NoImplementationError when none accepts."""
     if isinstance(implementation, str):
         implementation = (implementation,)
     skipped: list[tuple[str, str]] = []
     for name in implementation:
         impl = IMPLEMENTATIONS.get(name)
         reason = impl.rejects(call)
+        if reason is None and blockwise and impl.blockwise is None:
+            reason = "it gives no log-sum-exp, which ring attention merges blocks by"
         if reason is None:
             return impl, skipped
         skipped.append((name, reason))
@@ -117,6 +147,7 @@ def dot_product_attention(
     implementation: Sequence[str] = ("cudnn", "xla"),
     key_mask_is_prefix: bool = False,
     mask_predicate: MaskPredicate | Callable | None = None,
+    sequence_axis: str | None = None,
 ) -> Float[Array, "b q h d"]:
     """Softmax attention ``softmax(q k^T * scale + mask) v`` per head.
 
@@ -127,6 +158,8 @@ def dot_product_attention(
     see ``kernels.mask_predicate``) says token by token which pairs are visible, in place of a
     block mask. Rows with no visible key return zeros. ``implementation`` is tried in
     order; each skipped one is logged once with its reason (logger ``xformers_zoo.kernels``).
+    ``sequence_axis`` names a mesh axis (of the mesh in context, ``jax.set_mesh``) to shard the
+    sequence over and run ring attention on (kernels/ring_attention.py); None: no sharding.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q [b, q, h, d] and k, v [b, k, h, d]; got {q.shape}, "
@@ -144,17 +177,38 @@ def dot_product_attention(
             mask_predicate.tiles.check_shape(q.shape[1], k.shape[1], q.shape[2])
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rate > 0 needs a dropout_rng")
-    call = AttentionCall(
+    options = dict(key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
+                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                   key_mask_is_prefix=key_mask_is_prefix, mask_predicate=mask_predicate)
+    if isinstance(implementation, str):
+        implementation = (implementation,)
+    if sequence_axis is not None:
+        # Imported here: the ring module builds on this one.
+        from xformers_zoo.kernels.ring_attention import ring_attention
+        return ring_attention(q, k, v, axis=sequence_axis, implementation=implementation,
+                              **options)
+    call = attention_call(q, k, **options)
+    impl, _ = choose_and_explain(call, implementation)
+    return impl.fn(q, k, v, **options)
+
+
+def attention_call(q: jax.Array, k: jax.Array, *, key_mask, block_mask, causal, dropout_rate,
+                   key_mask_is_prefix, mask_predicate, **_) -> AttentionCall:
+    """The static facts of attention of ``q`` over ``k`` with these options."""
+    return AttentionCall(
         backend=jax.default_backend(), dtype=str(q.dtype), batch=q.shape[0], q_len=q.shape[1],
         k_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
         has_key_mask=key_mask is not None, block_mask=block_mask, causal=causal,
         dropout_rate=float(dropout_rate), key_mask_is_prefix=key_mask_is_prefix,
         mask_predicate=mask_predicate,
     )
-    if isinstance(implementation, str):
-        implementation = (implementation,)
-    impl, skipped = choose_implementation(call, implementation)
-    key = (impl.name, tuple(skipped))
+
+
+def choose_and_explain(call: AttentionCall, implementation: Sequence[str], *,
+                       blockwise: bool = False) -> tuple[KernelImpl, list[tuple[str, str]]]:
+    """``choose_implementation``, logging once each implementation skipped with its reason."""
+    impl, skipped = choose_implementation(call, implementation, blockwise=blockwise)
+    key = (impl.name, tuple(skipped), blockwise)
     if skipped and key not in _explained:
         _explained.add(key)
         # On a GPU, passing over the first choice changes speed and memory a lot (attention
@@ -165,6 +219,4 @@ def dot_product_attention(
         level = logging.WARNING if first_skipped and call.backend == "gpu" else logging.INFO
         for name, reason in skipped:
             log.log(level, "attention: skipped %s (%s); using %s", name, reason, impl.name)
-    return impl.fn(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale, causal=causal,
-                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                   key_mask_is_prefix=key_mask_is_prefix, mask_predicate=mask_predicate)
+    return impl, skipped

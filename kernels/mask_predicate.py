@@ -34,6 +34,7 @@ from xformers_zoo.kernels.block_mask import BlockMask
 # Host evaluation walks query rows in chunks of about this many (query, key) pairs, so deriving
 # the tile classes of long sequences needs no N x N array.
 _CHUNK_PAIRS = 1 << 23
+_NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,7 +130,9 @@ def tile_classes(predicate: MaskPredicate, batch: int, heads: int, q_len: int, k
     for start in range(0, q_tiles * block_q, chunk):
         rows = np.arange(start, min(start + chunk, q_tiles * block_q))
         in_range = rows < q_len
-        with jax.ensure_compile_time_eval():
+        # Host evaluation, also when traced inside shard_map (ring attention): without the
+        # empty mesh, concrete arrays would be placed on the manual mesh in context.
+        with jax.sharding.use_abstract_mesh(_NO_MESH), jax.ensure_compile_time_eval():
             grids = _index_grids(batch, heads, np.minimum(rows, max(q_len - 1, 0)), k_len)
             values = np.asarray(_evaluate(predicate, grids))
         pad_k = ((0, 0), (0, 0), (0, 0), (0, k_tiles * block_k - k_len))

@@ -31,11 +31,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels.block_mask import BlockMask
-from xformers_zoo.kernels.dispatch import AttentionCall, register_implementation
+from xformers_zoo.kernels.dispatch import (
+    AttentionCall,
+    BlockwiseAttention,
+    register_implementation,
+)
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, tile_classes
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_forward import flash_forward
+from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 from xformers_zoo.kernels.pallas_mosaic_forward import (
     BLOCK_K,
@@ -132,14 +137,6 @@ def _compute_capability() -> str | None:
     return None if capability is None else str(capability)
 
 
-def _zero_pad_head_dim(size: int, *arrays: Float[Array, "b n h d"]) -> tuple[jax.Array, ...]:
-    """``arrays`` zero-padded on the head dimension to ``size``. Zero columns change no logit
-    ``q . k`` and give zero output columns, so attention over padded q, k, v, sliced back to the
-    first ``d`` columns, is exact (with the softmax scale of the true ``d``)."""
-    pad = ((0, 0), (0, 0), (0, 0), (0, size - arrays[0].shape[-1]))
-    return tuple(jnp.pad(x, pad) for x in arrays)
-
-
 def _tile_part(block_mask: BlockMask | None,
                predicate: MaskPredicate | None) -> BlockMask | None:
     """The tile mask the kernel tiles must divide: the block mask, or a predicate's tiles."""
@@ -202,39 +199,31 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@register_implementation(
-    "pallas", rejects=pallas_rejects,
-    description="FlashAttention-2 Pallas kernels, dense and block-sparse")
-def pallas_attention(
-    q: Float[Array, "b q h d"],
-    k: Float[Array, "b k h d"],
-    v: Float[Array, "b k h d"],
-    *,
-    key_mask: Bool[Array, "b k"] | None = None,
-    block_mask: BlockMask | None = None,
-    scale: float | None = None,
-    causal: bool = False,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    interpret: bool | None = None,
-    tiles: FlashTiles | None = None,
-    key_mask_is_prefix: bool = False,
-    kernels: KernelFamily | None = None,
-    mask_predicate: MaskPredicate | Callable | None = None,
-) -> Float[Array, "b q h d"]:
-    """FlashAttention through the Pallas kernels; differentiable in q, k and v.
+@dataclasses.dataclass(frozen=True)
+class _PreparedCall:
+    """One call laid out for the kernels: ``kernels`` (plans, schedules: static), ``inputs``
+    (q, k, v padded to whole tiles and kernel head sizes; key bias, dropout streams, key
+    lengths) and the true ``q_len`` and ``head_dim`` to cut results back to."""
 
-    Rows with no visible key return zeros. ``dropout_rate`` > 0 drops attention weights with
-    decisions drawn from ``dropout_rng`` (``pallas_dropout.keep_mask`` materialises them).
-    ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
-    ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
-    padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
-    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls without dropout), "triton",
-    or None: Mosaic where it serves the call on a Hopper GPU, else Triton.
-    ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
-    visible, token by token; its tiles are classified on the host and only the partial ones
-    evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
-    """
+    kernels: tuple
+    inputs: tuple
+    q_len: int
+    head_dim: int
+
+    def pad_rows(self, x: Float[Array, "b q h d"]) -> Float[Array, "b q_pad h d_pad"]:
+        """A per-query array (output, its cotangent) padded as q was."""
+        q_pad, size = self.inputs[0].shape[1], self.inputs[0].shape[3]
+        return jnp.pad(x, ((0, 0), (0, q_pad - x.shape[1]), (0, 0), (0, size - x.shape[3])))
+
+    def cut(self, x: Float[Array, "b n h d_pad"], rows: int) -> Float[Array, "b rows h d"]:
+        """The first ``rows`` rows and true head dims of a padded result."""
+        return x[:, :rows, :, :self.head_dim]
+
+
+def _prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropout_rng,
+             interpret, tiles, key_mask_is_prefix, kernels, mask_predicate) -> _PreparedCall:
+    """Checks a call and lays it out for the kernels (``pallas_attention`` documents the
+    options): tile plans and host schedules, inputs padded to whole tiles, the key bias."""
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
     if dropout_rate > 0.0 and dropout_rng is None:
@@ -255,18 +244,12 @@ def pallas_attention(
     if block_mask is not None:
         block_mask.check_shape(q_len, k_len, heads)
     scale = float(head_dim ** -0.5 if scale is None else scale)
-    if head_dim not in HEAD_DIMS:  # the kernels' sizes; others run zero-padded to the next one
-        size = next(s for s in HEAD_DIMS if s > head_dim)
-        out = pallas_attention(
-            *_zero_pad_head_dim(size, q, k, v), key_mask=key_mask, block_mask=block_mask,
-            scale=scale, causal=causal,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng, interpret=interpret, tiles=tiles,
-            key_mask_is_prefix=key_mask_is_prefix, kernels=kernels, mask_predicate=predicate)
-        return out[..., :head_dim]
+    # The kernels' head sizes; others run zero-padded to the next one.
+    kernel_dim = next(s for s in HEAD_DIMS if s >= head_dim)
     pattern = block_mask if predicate is None else predicate
-    tiles = tiles or default_tiles(head_dim, q.dtype, sparse=pattern is not None)
+    tiles = tiles or default_tiles(kernel_dim, q.dtype, sparse=pattern is not None)
     passes = [_fit_to_mask(t, _tile_part(block_mask, predicate)) for t in tiles.passes()]
-    use_mosaic = _use_mosaic(kernels, interpret, str(q.dtype), head_dim, causal=causal,
+    use_mosaic = _use_mosaic(kernels, interpret, str(q.dtype), kernel_dim, causal=causal,
                              block_mask=block_mask, predicate=predicate, key_mask=key_mask,
                              key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
     if use_mosaic:  # its tiles set the padding of q and k/v too
@@ -306,15 +289,104 @@ def pallas_attention(
     streams = None
     if dropout_rate > 0.0:
         streams = head_streams(seed_words(dropout_rng), batch, heads)  # [b * h] int32
-    pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, 0))
-    pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, 0))
+    pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, kernel_dim - head_dim))
+    pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, kernel_dim - head_dim))
     lengths = None
     if mosaic is not None and mosaic.has_lengths:
         lengths = (jnp.full((batch,), k_len, jnp.int32) if key_mask is None
                    else key_mask.sum(-1).astype(jnp.int32))
-    out = _flash(tuple(plans), tuple(schedules), mosaic)(
-        jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias, streams, lengths)
-    return out[:, :q_len]
+    # Zero head-dim columns change no logit q . k and give zero output columns, so attention
+    # over the padded q, k, v cut back to the first head_dim columns is exact.
+    inputs = (jnp.pad(q, pad_q), jnp.pad(k, pad_k), jnp.pad(v, pad_k), bias, streams, lengths)
+    return _PreparedCall((tuple(plans), tuple(schedules), mosaic), inputs, q_len, head_dim)
+
+
+@register_implementation(
+    "pallas", rejects=pallas_rejects,
+    description="FlashAttention-2 Pallas kernels, dense and block-sparse",
+    blockwise=BlockwiseAttention(
+        forward=lambda q, k, v, **options: pallas_forward_with_lse(q, k, v, **options),
+        backward=lambda *arrays, **options: pallas_backward_from_lse(*arrays, **options)))
+def pallas_attention(
+    q: Float[Array, "b q h d"],
+    k: Float[Array, "b k h d"],
+    v: Float[Array, "b k h d"],
+    *,
+    key_mask: Bool[Array, "b k"] | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    interpret: bool | None = None,
+    tiles: FlashTiles | None = None,
+    key_mask_is_prefix: bool = False,
+    kernels: KernelFamily | None = None,
+    mask_predicate: MaskPredicate | Callable | None = None,
+) -> Float[Array, "b q h d"]:
+    """FlashAttention through the Pallas kernels; differentiable in q, k and v.
+
+    Rows with no visible key return zeros. ``dropout_rate`` > 0 drops attention weights with
+    decisions drawn from ``dropout_rng`` (``pallas_dropout.keep_mask`` materialises them).
+    ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
+    ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
+    padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
+    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls without dropout), "triton",
+    or None: Mosaic where it serves the call on a Hopper GPU, else Triton.
+    ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
+    visible, token by token; its tiles are classified on the host and only the partial ones
+    evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
+    """
+    call = _prepare(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale,
+                    causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                    interpret=interpret, tiles=tiles, key_mask_is_prefix=key_mask_is_prefix,
+                    kernels=kernels, mask_predicate=mask_predicate)
+    return call.cut(_flash(*call.kernels)(*call.inputs), call.q_len)
+
+
+def pallas_forward_with_lse(
+    q: Float[Array, "b q h d"], k: Float[Array, "b k h d"], v: Float[Array, "b k h d"],
+    **options,
+) -> tuple[Float[Array, "b q h d"], Float[Array, "b h q"]]:
+    """The forward kernels' output and natural-log log-sum-exp of each row's scaled logits
+    (-inf for rows that see no key); options as ``pallas_attention``. Not differentiable:
+    ``pallas_backward_from_lse`` is its backward."""
+    call = _prepare(q, k, v, **_defaults(options))
+    out, lse = _forward(call.kernels, *call.inputs)
+    lse = lse[:, :, :call.q_len]
+    return call.cut(out, call.q_len), jnp.where(lse < EMPTY_ROW_LSE, lse / LOG2_E, -jnp.inf)
+
+
+def pallas_backward_from_lse(
+    q: Float[Array, "b q h d"], k: Float[Array, "b k h d"], v: Float[Array, "b k h d"],
+    out: Float[Array, "b q h d"], lse: Float[Array, "b h q"], d_out: Float[Array, "b q h d"],
+    **options,
+) -> tuple[Float[Array, "b q h d"], Float[Array, "b k h d"], Float[Array, "b k h d"]]:
+    """Gradients of q, k, v through attention over these keys, given each row's output and
+    natural-log log-sum-exp over all the keys it attends to (which may be more than these:
+    the FlashAttention backward needs only them); options as ``pallas_attention``."""
+    call = _prepare(q, k, v, **_defaults(options))
+    q_pad = call.inputs[0].shape[1]
+    # Padded rows have no cotangent; an empty-row LSE gives them no probability at all.
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2_E, EMPTY_ROW_LSE).astype(jnp.float32)
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - call.q_len)),
+                   constant_values=EMPTY_ROW_LSE)
+    dq, dk, dv = _backward(call.kernels, *call.inputs, call.pad_rows(out), lse2,
+                           call.pad_rows(d_out))
+    return call.cut(dq, call.q_len), call.cut(dk, k.shape[1]), call.cut(dv, k.shape[1])
+
+
+def _defaults(options: dict) -> dict:
+    """``pallas_attention``'s options with its defaults filled in (``key_mask_is_prefix``,
+    ``interpret`` ... as it takes them), for ``_prepare``."""
+    defaults = dict(key_mask=None, block_mask=None, scale=None, causal=False, dropout_rate=0.0,
+                    dropout_rng=None, interpret=None, tiles=None, key_mask_is_prefix=False,
+                    kernels=None, mask_predicate=None)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"pallas attention: unknown options {sorted(unknown)}; accepted: "
+                        f"{sorted(defaults)}")
+    return defaults | options
 
 
 def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_dim: int, *,
@@ -345,36 +417,46 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
     return True
 
 
+def _forward(kernels, q, k, v, bias, streams, lengths):
+    """Output and base-2 log-sum-exp from the forward kernel of ``kernels`` (plans,
+    schedules, Mosaic plan or None)."""
+    (fwd_plan, _, _), schedules, mosaic = kernels
+    if mosaic is not None:
+        return mosaic_forward(q, k, v, lengths, mosaic)
+    return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
+
+
+def _backward(kernels, q, k, v, bias, streams, lengths, out, lse, d_out):
+    """dq, dk, dv from the backward kernels of ``kernels`` given the output and base-2 LSE."""
+    (_, kv_plan, q_plan), schedules, mosaic = kernels
+    if mosaic is not None:
+        plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths)
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan)
+        return dq.astype(q.dtype), dk, dv
+    return flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
+                          (kv_plan, q_plan))
+
+
 def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...],
            mosaic: MosaicPlan | None):
     """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
     gradients); schedules enter as trace-time constants, dropout streams and key lengths (the
     Mosaic kernels' key mask) as inputs. With ``mosaic``, the Mosaic kernels run both passes
     (one fused backward launch) instead."""
-    fwd_plan, kv_plan, q_plan = plans
-
-    def forward(q, k, v, bias, streams, lengths):
-        if mosaic is not None:
-            return mosaic_forward(q, k, v, lengths, mosaic)
-        return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
+    kernels = (plans, schedules, mosaic)
 
     @jax.custom_vjp
     def attend(q, k, v, bias, streams, lengths):
-        return forward(q, k, v, bias, streams, lengths)[0]
+        return _forward(kernels, q, k, v, bias, streams, lengths)[0]
 
     def attend_fwd(q, k, v, bias, streams, lengths):
-        out, lse = forward(q, k, v, bias, streams, lengths)
+        out, lse = _forward(kernels, q, k, v, bias, streams, lengths)
         return out, (q, k, v, bias, streams, lengths, out, lse)
 
     def attend_bwd(residuals, d_out):
-        q, k, v, bias, streams, lengths, out, lse = residuals
-        if mosaic is not None:
-            plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths)
-            dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan)
-            dq = dq.astype(q.dtype)
-        else:
-            dq, dk, dv = flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
-                                        (kv_plan, q_plan))
+        *inputs, out, lse = residuals
+        dq, dk, dv = _backward(kernels, *inputs, out, lse, d_out)
+        bias = inputs[3]
         return dq, dk, dv, None if bias is None else jnp.zeros_like(bias), None, None
 
     attend.defvjp(attend_fwd, attend_bwd)

@@ -28,6 +28,7 @@ from jaxtyping import Array, Bool, Float
 from xformers_zoo.kernels import BlockMask, MaskPredicate, dot_product_attention, masks
 from xformers_zoo.kernels import predicates as pred
 from xformers_zoo.models.masked_softmax import dropout_key
+from xformers_zoo.models.sequence_parallel import SequenceParallelConfig
 from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -37,12 +38,13 @@ def _num_tiles(length: int, block: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSparseConfig:
+class BlockSparseConfig(SequenceParallelConfig):
     """Fields every block-sparse variant shares.
 
     ``block``: block size in tokens (the granularity of the pattern); ``implementation``: exact
     attention implementations to try in order (the block-sparse Pallas kernels first on GPUs, the
-    XLA reference elsewhere).
+    XLA reference elsewhere); ``sequence_axis``: ring attention over that mesh axis, skipping
+    the device blocks the pattern leaves empty (``SequenceParallelConfig``).
     """
 
     block: int = 64
@@ -252,7 +254,8 @@ class BlockSparseAttention(nnx.Module):
         return dot_product_attention(
             q, k, v, key_mask=key_mask, mask_predicate=self.mask_for(q.shape[1]),
             causal=self.config.causal, dropout_rate=0.0 if key is None else self.dropout,
-            dropout_rng=key, implementation=self.config.implementation, key_mask_is_prefix=True)
+            dropout_rng=key, implementation=self.config.implementation, key_mask_is_prefix=True,
+            sequence_axis=self.config.sequence_axis)
 
 
 _BLOCK_SPARSE = Capabilities(fixed_length=True)

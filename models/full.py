@@ -10,15 +10,18 @@ from jaxtyping import Array, Bool, Float
 
 from xformers_zoo.kernels import dot_product_attention
 from xformers_zoo.models.masked_softmax import dropout_key
+from xformers_zoo.models.sequence_parallel import SequenceParallelConfig
 from xformers_zoo.variants import Capabilities, register_variant
 
 
 @dataclasses.dataclass(frozen=True)
-class FullConfig:
+class FullConfig(SequenceParallelConfig):
     """``implementation``: exact-attention implementations to try in order (see
     ``xformers_zoo.kernels.IMPLEMENTATIONS``): cuDNN where it serves; the Pallas kernels for what
     it cannot (attention dropout, non-prefix masks) before the dense XLA path, which holds
-    N x N weights in memory; ``causal``: autoregressive masking."""
+    N x N weights in memory; ``causal``: autoregressive masking; ``sequence_axis``: ring
+    attention over that mesh axis (``SequenceParallelConfig``; cuDNN is then passed over, as it
+    gives no log-sum-exp)."""
 
     implementation: tuple[str, ...] = ("cudnn", "pallas", "xla")
     causal: bool = False
@@ -47,4 +50,5 @@ class FullAttention(nnx.Module):
         return dot_product_attention(
             q, k, v, key_mask=key_mask, causal=self.config.causal,
             dropout_rate=0.0 if key is None else self.dropout, dropout_rng=key,
-            implementation=self.config.implementation, key_mask_is_prefix=True)
+            implementation=self.config.implementation, key_mask_is_prefix=True,
+            sequence_axis=self.config.sequence_axis)
