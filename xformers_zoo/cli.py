@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -80,6 +81,16 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def _join_processes(args) -> None:
+    """Joins a multi-host run when the environment or ``--distributed`` asks for one
+    (``train/distributed.py``); the first process then prints for the run, the others not."""
+    from xformers_zoo.train.distributed import initialize_distributed, is_primary
+
+    initialize_distributed(args.distributed)
+    if not is_primary():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
 def cmd_train(args) -> int:
     """Trains one variant on one task and prints test accuracy beside the majority class."""
     from xformers_zoo import overrides as cfglib
@@ -90,6 +101,7 @@ def cmd_train(args) -> int:
                          overrides=parse_assignments(args.overrides))
     workdir = args.workdir or f"runs/{args.task}-{cfg.model.variant}" + "".join(
         f"-{p}" for p in args.preset)
+    _join_processes(args)
     print(f"config ({workdir}/config.json):\n{cfglib.dumps(cfg)}", flush=True)
     result = run(cfg, workdir, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
@@ -103,6 +115,7 @@ def cmd_eval(args) -> int:
     """Scores a run's checkpoint on a split."""
     from xformers_zoo.train import evaluate_run
 
+    _join_processes(args)
     result = evaluate_run(args.workdir, split=args.split, checkpoint=args.checkpoint,
                           data_dir=args.data_dir)
     print(json.dumps(result, indent=2))
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", default=[], help="tiny, lra (repeatable)")
     p.add_argument("--workdir", help="run directory (default runs/<task>-<model>[-preset])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _distributed_option(p)
     _takes_overrides(p)
     p.set_defaults(func=cmd_train)
 
@@ -156,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     p.add_argument("--data-dir", help="where the data lives, if it moved")
+    _distributed_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("table", help="Markdown table of finished runs")
@@ -178,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, bench in BENCHMARKS.items():
         bench_sub.add_parser(name, help=f"{bench.help} (see --help)", add_help=False)
     return parser
+
+
+def _distributed_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-host run from the cluster JAX detects (srun, mpirun); without it a "
+             "process joins when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+             "are set, else uses this host's devices only")
 
 
 def _takes_overrides(parser: argparse.ArgumentParser) -> None:
