@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from xformers_zoo import data
@@ -123,6 +124,18 @@ def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
             "majority_rate": float(np.max(sums["class_counts"])) / count}
 
 
+def prepare_data(config: ExperimentConfig) -> None:
+    """Builds the run's data set (reused once built). With several processes the first builds
+    it before the others look, so that hosts sharing a data directory never build it at once
+    (a host with its own directory then builds its own copy, the same examples)."""
+    if is_primary():
+        data.prepare(config.data)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("data prepared")
+        if not is_primary():
+            data.prepare(config.data)
+
+
 def _peak_memory() -> int | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
@@ -180,7 +193,7 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         if tc.init_from is not None and checkpoints.latest_step() is None:
             # A source run that does not fit fails in seconds, before the data is built.
             state = warm_start(state, setup.graphdef, tc.init_from, setup.mesh)
-        data.prepare(config.data)
+        prepare_data(config)
         check_run_dir(config, workdir)
         restored = checkpoints.restore_latest(state, repair=True)
     except BaseException:
