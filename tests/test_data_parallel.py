@@ -18,6 +18,7 @@ import pytest
 
 from xformers_zoo import data
 from xformers_zoo.configs.base import DataConfig
+from xformers_zoo.train.metrics import read_metrics
 
 # Evaluation every 6 steps scores 48 validation and 44 test examples in global batches of 16:
 # the last test batch holds 12 real rows, which do not split over 8 devices.
@@ -33,7 +34,8 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 # Trains the tiny config on the first n of the simulated devices for each run named on the
 # command line and writes what each recorded: the metrics (every step) and the final results.
-# A run "a+b" trains to step 6 on a devices, then resumes in the same directory on b devices.
+# A run "a+b" trains to step 6 on a devices ("first": its metrics), then resumes in the same
+# directory on b devices.
 RUNS = """
 import json, sys
 import jax
@@ -55,14 +57,17 @@ out = {}
 for name in names:
     workdir, spec = f"{tmp}/{name}", name.split(":")
     counts, extra = [int(n) for n in spec[0].split("+")], dict(a.split("=") for a in spec[1:])
+    first = None
     if len(counts) == 2:
         train(counts[0], workdir, **{**extra, "train.steps": 6})
+        first = read_metrics(f"{workdir}/metrics.jsonl")
     try:
         final = train(counts[-1], workdir, **extra)
     except ValueError as e:
         out[name] = {"error": str(e)}
         continue
-    out[name] = {"final": final, "metrics": read_metrics(f"{workdir}/metrics.jsonl")}
+    out[name] = {"final": final, "metrics": read_metrics(f"{workdir}/metrics.jsonl"),
+                 "first": first}
 print(json.dumps(out))
 """
 
@@ -120,6 +125,9 @@ def test_micro_batches_split_over_the_devices(runs):
 def test_two_device_checkpoint_resumes_on_one_device(runs):
     resumed = runs["2+1"]
     assert resumed["final"]["devices"] == 1
+    # The records of the 2-device steps are kept as written (a restart would rewrite them).
+    kept = [r for r in resumed["first"] if r["split"] != "test"]
+    assert resumed["metrics"][:len(kept)] == kept and kept[-1]["step"] == 6
     assert [r["step"] for r in resumed["metrics"] if r["split"] == "train"] == list(range(1, 13))
     assert_same_run(resumed, runs["1"])
 
@@ -159,8 +167,10 @@ def test_two_processes_train_as_one_and_resume_on_one(runs, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert '"processes": 2' in logs[0] and "test accuracy" not in logs[1]
     assert json.loads((workdir / "final.json").read_text())["devices"] == 4
+    kept = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] != "test"]
     resumed = _run_simulated(tmp_path, runs["shared"], ["1"])["1"]
     assert resumed["final"]["devices"] == 1
+    assert resumed["metrics"][:len(kept)] == kept and kept[-1]["step"] == 6
     assert_same_run(resumed, runs["1"])
 
 

@@ -243,8 +243,7 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
 
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and is_primary()),
-               desc=config.data.task,
-               dynamic_ncols=True)
+               desc=config.data.task, dynamic_ncols=True)
     try:
         while step < tc.steps:
             state, metrics = setup.train_step(state, shard_batch(next(iterator), setup.mesh))
