@@ -183,9 +183,9 @@ def test_every_process_yields_the_same_number_of_eval_batches(tmp_path, monkeypa
     data.prepare(cfg)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     weights, lengths = [], []
-    for rank in (0, 1):  # 3 and 2 examples: the second process pads with a filler batch
+    for rank in (0, 1):  # global batches of 4: rows 0, 1, 4 (+ filler) and 2, 3 (+ fillers)
         monkeypatch.setattr(jax, "process_index", lambda rank=rank: rank)
-        batches = list(data.eval_batches(cfg, "validation", 2))
+        batches = list(data.eval_batches(cfg, "validation", 4))
         lengths.append(len(batches))
         weights.append(sum(float(b["weight"].sum()) for b in batches))
     assert lengths == [2, 2] and weights == [3.0, 2.0]

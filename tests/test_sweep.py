@@ -14,7 +14,7 @@ import pytest
 from xformers_zoo.overrides import ConfigError
 from xformers_zoo.train import sweep_cells
 from xformers_zoo.train.sweep_plan import cell_seconds, makespan
-from xformers_zoo.train.sweep_runner import detect_gpus, job_env
+from xformers_zoo.train.sweep_runner import Job, detect_gpus, gpu_groups, job_env, run_jobs
 
 TINY = ["model.num_layers=1", "model.emb_dim=32", "model.qkv_dim=32", "model.mlp_dim=64",
         "model.num_heads=2", "data.train_size=256", "data.val_size=48", "data.test_size=40",
@@ -69,6 +69,32 @@ def test_gpu_detection_and_memory_share(monkeypatch):
     env = job_env("5", 4)
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
     assert "CUDA_VISIBLE_DEVICES" not in job_env(None, 2)
+
+
+def test_each_cell_sees_its_own_group_of_gpus(tmp_path):
+    assert gpu_groups(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    assert gpu_groups(["0", "1"], 1) == ["0", "1"] and gpu_groups([], 1) == []
+    with pytest.raises(ValueError, match=r"--gpus-per-cell 2 does not divide the 3 GPUs"):
+        gpu_groups(["0", "1", "2"], 2)
+    with pytest.raises(ValueError, match="needs GPUs, and none were found"):
+        gpu_groups([], 2)
+    show = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    jobs = run_jobs([Job(f"j{i}", show, tmp_path / f"j{i}.log") for i in range(3)],
+                    gpu_groups(["0", "1", "2", "3"], 2), 1, poll=0.05)
+    seen = [job.log.read_text().splitlines()[-1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0]
+    assert sorted(seen[:2]) == ["0,1", "2,3"] and seen[2] in ("0,1", "2,3")
+
+
+def test_gpus_per_cell_that_does_not_divide_is_refused(tmp_path, capsys):
+    from xformers_zoo.train.sweep import main
+
+    code = main(["--tasks", "listops", "--models", "full", "--dir", str(tmp_path), "--gpus",
+                 "3", "--gpus-per-cell", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --gpus-per-cell 2 does not divide the 3 GPUs (0,1,2): use a divisor of 3 or "
+        "name the GPUs with --gpus")
 
 
 def test_schedule_estimate():

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from xformers_zoo import data
@@ -27,6 +28,7 @@ from xformers_zoo.data.sources import effective_length
 from xformers_zoo.fs import check_writable_dir, write_text_atomic
 from xformers_zoo.task_specs import TASKS
 from xformers_zoo.train.checkpoint import RunCheckpoints
+from xformers_zoo.train.distributed import is_primary
 from xformers_zoo.train.metrics import MetricsLog
 from xformers_zoo.train.objectives import make_objective
 from xformers_zoo.train.optim import make_optimizer, make_schedule
@@ -62,8 +64,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_run_dir(config: ExperimentConfig, workdir: Path) -> None:
-    """Saves the config in a new run directory, or checks it against the saved one."""
-    if not compare_run_config(config, workdir):
+    """Saves the config in a new run directory (process 0 writes it), or checks it against the
+    saved one."""
+    if not compare_run_config(config, workdir) and is_primary():
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(workdir / "config.json",
                           json.dumps(cfglib.to_dict(config), indent=2) + "\n")
@@ -108,9 +111,10 @@ def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
              max_batches: int | None = None) -> dict[str, float]:
-    """Loss and accuracy of ``state`` over ``split`` (every example once unless limited), and
-    the majority-class rate of the examples scored."""
-    batch_size = local_batch_size(config.train.batch_size, mesh)
+    """Loss and accuracy of ``state`` over ``split`` (every example once, or those of the first
+    ``max_batches`` global batches), and the majority-class rate of the examples scored."""
+    batch_size = config.train.batch_size
+    local_batch_size(batch_size, mesh)  # splits over the devices, or a clear error
     pending = [eval_step(state, shard_batch(batch, mesh))
                for batch in data.eval_batches(config.data, split, batch_size, max_batches)]
     sums = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *jax.device_get(pending))
@@ -118,6 +122,18 @@ def evaluate(eval_step, state, config: ExperimentConfig, split: str, mesh,
     return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count,
             "examples": int(sums["count"]),
             "majority_rate": float(np.max(sums["class_counts"])) / count}
+
+
+def prepare_data(config: ExperimentConfig) -> None:
+    """Builds the run's data set (reused once built). With several processes the first builds
+    it before the others look, so that hosts sharing a data directory never build it at once
+    (a host with its own directory then builds its own copy, the same examples)."""
+    if is_primary():
+        data.prepare(config.data)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("data prepared")
+        if not is_primary():
+            data.prepare(config.data)
 
 
 def _peak_memory() -> int | None:
@@ -131,7 +147,8 @@ class _Setup:
     def __init__(self, config: ExperimentConfig):
         self.config = config
         self.mesh = data_mesh()
-        self.local_batch = local_batch_size(config.train.batch_size, self.mesh)
+        self.local_batch = local_batch_size(config.train.batch_size, self.mesh,
+                                            config.train.grad_accum)
         model = build_model(config.model, config.data.task,
                             max_length=effective_length(config.data), seed=config.train.seed,
                             objective=config.train.objective)
@@ -176,21 +193,22 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         if tc.init_from is not None and checkpoints.latest_step() is None:
             # A source run that does not fit fails in seconds, before the data is built.
             state = warm_start(state, setup.graphdef, tc.init_from, setup.mesh)
-        data.prepare(config.data)
+        prepare_data(config)
         check_run_dir(config, workdir)
         restored = checkpoints.restore_latest(state, repair=True)
     except BaseException:
         checkpoints.close()
         raise
     best = {"accuracy": -1.0, "step": None}
-    iterator = iter(data.train_dataset(config.data, setup.local_batch, seed=tc.seed))
+    iterator = iter(data.train_dataset(config.data, tc.batch_size, seed=tc.seed))
     if restored is not None:
         state, data_state, meta = restored
         iterator.set_state(data_state)
         best = meta["best"]
         log.info("resumed %s at step %d", workdir, int(state.step))
     metrics_log = MetricsLog(workdir / "metrics.jsonl",
-                             resume_step=int(state.step) if restored else None)
+                             resume_step=int(state.step) if restored else None,
+                             active=is_primary())
     step = int(state.step)
     pending: list[dict[str, jax.Array]] = []
     window_start, rates, compiled = time.perf_counter(), [], False
@@ -224,8 +242,8 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         metrics_log.write("train", step, **record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
 
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=config.data.task,
-               dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and is_primary()),
+               desc=config.data.task, dynamic_ncols=True)
     try:
         while step < tc.steps:
             state, metrics = setup.train_step(state, shard_batch(next(iterator), setup.mesh))
@@ -255,7 +273,8 @@ def run(config: ExperimentConfig, workdir: str | Path, *, progress: bool = True)
         bar.close()
         metrics_log.close()
         checkpoints.close()
-    write_text_atomic(workdir / "final.json", json.dumps(result, indent=2) + "\n")
+    if is_primary():
+        write_text_atomic(workdir / "final.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -274,7 +293,8 @@ def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: Experimen
         "best_step": best["step"], "best_val_accuracy": best["accuracy"],
         "steps_per_sec": float(np.median(rates)) if rates else None,
         "peak_memory_bytes": _peak_memory(), "params": setup.num_params,
-        "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+        "devices": setup.mesh.devices.size, "processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }
 

@@ -20,10 +20,14 @@ def _plain(value: Any) -> Any:
 
 class MetricsLog:
     """Appends records to ``metrics.jsonl``; on resume, records after the restored step (and
-    test records) are dropped so that the file reads as one uninterrupted run."""
+    test records) are dropped so that the file reads as one uninterrupted run. An inactive log
+    (every process of a multi-process run but the first) writes nothing."""
 
-    def __init__(self, path: str | Path, resume_step: int | None):
+    def __init__(self, path: str | Path, resume_step: int | None, active: bool = True):
         self.path = Path(path)
+        self._file = self._events = None
+        if not active:
+            return
         if self.path.exists():
             keep = []
             if resume_step is not None:
@@ -42,6 +46,8 @@ class MetricsLog:
 
     def write(self, split: str, step: int, **values: Any) -> None:
         """Appends one record and flushes it."""
+        if self._file is None:
+            return
         record = {"split": split, "step": int(step), "time": time.time()}
         record.update({k: _plain(v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
@@ -51,7 +57,8 @@ class MetricsLog:
 
     def close(self) -> None:
         """Closes the file (and the event file)."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._events is not None:
             self._events.close()
 

@@ -56,8 +56,10 @@ def _grads(graphdef, objective: Objective, state: TrainState, batch: Batch, key:
     if grad_accum == 1:
         (loss, sums), grads = grad_fn(state.params, batch, key)
         return loss, sums, grads
-    # [batch, ...] -> [accum, batch / accum, ...]
-    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    # [batch, ...] -> [accum, batch / accum, ...]; micro-batch k holds rows k, k + accum, ...
+    # so that every device of a data-parallel mesh holds its share of every micro-batch.
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
     keys = jax.random.split(key, grad_accum)
 
     def body(carry, xs):

@@ -6,14 +6,16 @@
 Each cell is ``xformers-zoo train`` in its own process, in ``<dir>/<task>-<variant>-seed<s>``
 with its output in ``train.log`` there. Rerunning the command skips finished cells (a valid
 ``final.json`` for the configured steps) and resumes the others from their checkpoints.
-``--parallel K`` runs K cells at once on each GPU (each with 0.9/K of its memory); several GPUs
-share the cells round-robin. A failed cell is reported with its exit code and the end of its
-log; the others go on, and the exit status is 1 unless every cell finished. ``--stop-after S``
-stops the running cells after S seconds (for machines lent by the hour; they resume from their
-last checkpoint on the next run of the command, so keep ``train.checkpoint_every`` short) with
-exit status 3 when nothing failed. Text, Retrieval and
-Image cells without ``data.manual_dir`` are reported, not run. ``--dry-run`` prints the cells and
-the time the sweep would take, from a short timed probe of each cell.
+``--parallel K`` runs K cells at once on each GPU (each with 0.9/K of its memory); several
+GPUs share the cells round-robin, one GPU a cell. ``--gpus-per-cell N`` gives each cell N GPUs
+instead (it trains data parallel over them, ``train.batch_size`` split between them). A
+failed cell is reported with its exit code and the end of its log; the others go on, and the
+exit status is 1 unless every cell finished. ``--stop-after S`` stops the running cells after
+S seconds (for machines lent by the hour; they resume from their last checkpoint on the next
+run of the command, so keep ``train.checkpoint_every`` short) with exit status 3 when nothing
+failed. Text, Retrieval and Image cells without ``data.manual_dir`` are reported, not run.
+``--dry-run`` prints the cells and the time the sweep would take, from a short timed probe of
+each cell.
 
 Overrides (``section.field=value``) apply to every cell, or with a prefix to one task's or one
 variant's cells: ``listops:train.steps=2000``, ``performer:model.attention.num_features=128``.
@@ -38,7 +40,7 @@ from xformers_zoo.train.sweep_cells import (
     read_final,
 )
 from xformers_zoo.train.sweep_plan import dry_run
-from xformers_zoo.train.sweep_runner import Job, detect_gpus, run_jobs
+from xformers_zoo.train.sweep_runner import Job, detect_gpus, gpu_groups, run_jobs
 
 MANIFEST = "sweep.json"
 
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="cells at once per GPU")
     p.add_argument("--gpus", default="auto",
                    help="auto (CUDA_VISIBLE_DEVICES, else nvidia-smi -L), a count, or ids 0,2")
+    p.add_argument("--gpus-per-cell", type=int, default=1,
+                   help="GPUs each cell trains on, data parallel (must divide the GPUs)")
     p.add_argument("--dry-run", action="store_true", help="probe each cell and estimate time")
     p.add_argument("--probe-steps", type=int, default=10, help="dry run: timed steps per cell")
     p.add_argument("--probe-seconds", type=float, default=5.0,
@@ -177,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cells)} cells in {sweep_dir}:")
     for cell in cells:
         print(f"  {cell.name:<40} {status[cell.name]}")
-    gpus = detect_gpus(args.gpus)
+    try:
+        gpus = gpu_groups(detect_gpus(args.gpus), args.gpus_per_cell)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         return dry_run([c for c, _ in todo], sweep_dir, gpus, args.parallel, args.probe_steps,
                        args.probe_seconds)
@@ -197,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         jobs.append(Job(cell.name, cell.train_command(), cell.workdir / "train.log"))
         describers[cell.name] = describe_progress(cell, config.train.steps)
-    print(f"training {len(jobs)} cells, {args.parallel} at once per "
-          f"{'GPU over GPUs ' + ','.join(gpus) if gpus else 'CPU'}", flush=True)
+    where = ("CPU" if not gpus else f"GPU over GPUs {','.join(gpus)}" if args.gpus_per_cell == 1
+             else f"group of {args.gpus_per_cell} GPUs over {' '.join(gpus)}")
+    print(f"training {len(jobs)} cells, {args.parallel} at once per {where}", flush=True)
     for job in run_jobs(jobs, gpus, args.parallel,
                         describe=lambda job: describers[job.name](job),
                         status_every=args.status_every, deadline=deadline):

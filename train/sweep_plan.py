@@ -80,7 +80,8 @@ def dry_run(cells: Sequence[Cell], sweep_dir: Path, gpus: Sequence[str], per_gpu
         note = "" if probe.get("eval_batches_per_eval") else "evaluation time not included"
         rows.append(f"| {cell.name} | {probe['train_steps'] - done} | "
                     f"{probe['steps_per_sec']:.2f} | {_hours(estimate)} | {note} |")
-    device = "cpu" if not gpus else f"{len(gpus)} GPU(s)"
+    gpu_count = sum(len(group.split(",")) for group in gpus)  # a slot may hold several GPUs
+    device = "cpu" if not gpus else f"{gpu_count} GPU(s)"
     print(f"\nEstimates from {steps}+ timed steps per cell after compilation, {per_gpu} "
           f"probe(s) at once per {'GPU' if gpus else 'CPU'} (synthetic batches; data loading "
           "not included):\n")
@@ -89,6 +90,6 @@ def dry_run(cells: Sequence[Cell], sweep_dir: Path, gpus: Sequence[str], per_gpu
     total = sum(durations)
     wall = makespan(durations, slots)
     print(f"\n{len(durations)} cells: {_hours(total)} of run time; at --parallel {per_gpu} on "
-          f"{device}: about {_hours(wall)} wall, {_hours(wall * max(len(gpus), 1))} of "
+          f"{device}: about {_hours(wall)} wall, {_hours(wall * max(gpu_count, 1))} of "
           f"{'GPU' if gpus else 'machine'} time")
     return 1 if failed else 0

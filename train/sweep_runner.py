@@ -1,7 +1,8 @@
 """Runs a list of commands as separate processes, several at once per GPU.
 
-Each job gets one GPU (``CUDA_VISIBLE_DEVICES``, round-robin over the GPUs found) and its share
-of that GPU's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 / jobs per GPU, unless the
+Each job gets one GPU, or a group of GPUs that it trains on data parallel
+(``CUDA_VISIBLE_DEVICES``, round-robin over the GPUs or groups found), and its share of each
+GPU's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 / jobs per GPU, unless the
 caller's environment sets it), writes its output to its own log file, and is reported with its
 exit code and the last lines of its log when it fails, while the others go on. The GPUs are
 counted without initialising JAX here (``nvidia-smi -L``), so the parent holds no device memory.
@@ -60,8 +61,23 @@ def detect_gpus(spec: str = "auto") -> list[str]:
         line for line in listing.splitlines() if line.startswith("GPU "))]
 
 
+def gpu_groups(gpus: Sequence[str], per_cell: int) -> list[str]:
+    """``gpus`` in consecutive groups of ``per_cell`` ("0,1", "2,3", ...): the GPUs one job
+    sees. Raises ``ValueError`` when they do not split evenly."""
+    if per_cell < 1:
+        raise ValueError(f"--gpus-per-cell takes 1 or more, got {per_cell}")
+    if per_cell > 1 and not gpus:
+        raise ValueError(f"--gpus-per-cell {per_cell} needs GPUs, and none were found")
+    if len(gpus) % per_cell:
+        raise ValueError(f"--gpus-per-cell {per_cell} does not divide the {len(gpus)} GPUs "
+                         f"({','.join(gpus)}): use a divisor of {len(gpus)} or name the GPUs "
+                         "with --gpus")
+    return [",".join(gpus[i:i + per_cell]) for i in range(0, len(gpus), per_cell)]
+
+
 def job_env(gpu: str | None, per_gpu: int) -> dict[str, str]:
-    """Environment of a job on ``gpu`` (None: CPU) sharing it with ``per_gpu - 1`` others."""
+    """Environment of a job on ``gpu`` (an id or a comma list of ids; None: CPU) sharing it with
+    ``per_gpu - 1`` others."""
     env = {"PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu

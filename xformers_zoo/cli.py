@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -94,6 +95,16 @@ def _default_workdir(args, variant: str) -> str:
     return f"runs/{args.task}-{variant}" + "".join(f"-{p}" for p in recipe + args.preset)
 
 
+def _join_processes(args) -> None:
+    """Joins a multi-host run when the environment or ``--distributed`` asks for one
+    (``train/distributed.py``); the first process then prints for the run, the others not."""
+    from xformers_zoo.train.distributed import initialize_distributed, is_primary
+
+    initialize_distributed(args.distributed)
+    if not is_primary():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
 def cmd_train(args) -> int:
     """Trains one variant on one task (or runs a recipe's stages, ``--recipe``) and prints test
     accuracy beside the majority class."""
@@ -102,6 +113,7 @@ def cmd_train(args) -> int:
     from xformers_zoo.train import run
     from xformers_zoo.train.tables import summary_line
 
+    _join_processes(args)
     if args.recipe:
         return _train_recipe(args)
     if args.dry_run:
@@ -152,6 +164,7 @@ def cmd_eval(args) -> int:
     """Scores a run's checkpoint on a split."""
     from xformers_zoo.train import evaluate_run
 
+    _join_processes(args)
     result = evaluate_run(args.workdir, split=args.split, checkpoint=args.checkpoint,
                           data_dir=args.data_dir)
     print(json.dumps(result, indent=2))
@@ -202,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(xformers-zoo recipes lists them)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --recipe: print the stages, their configs and status, train nothing")
+    _distributed_option(p)
     _takes_overrides(p)
     p.set_defaults(func=cmd_train)
 
@@ -213,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     p.add_argument("--data-dir", help="where the data lives, if it moved")
+    _distributed_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("table", help="Markdown table of finished runs")
@@ -235,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, bench in BENCHMARKS.items():
         bench_sub.add_parser(name, help=f"{bench.help} (see --help)", add_help=False)
     return parser
+
+
+def _distributed_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-host run from the cluster JAX detects (srun, mpirun); without it a "
+             "process joins when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+             "are set, else uses this host's devices only")
 
 
 def _takes_overrides(parser: argparse.ArgumentParser) -> None:
