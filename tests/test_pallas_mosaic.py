@@ -14,8 +14,7 @@ from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_rejects
 
 
 def test_mosaic_rejects_name_the_reason():
-    ok = dict(causal=False, has_block_mask=False, has_key_mask=True, key_mask_is_prefix=True,
-              dropout=False)
+    ok = dict(causal=False, has_block_mask=False, has_key_mask=True, key_mask_is_prefix=True)
     assert mosaic_rejects("bfloat16", 64, **ok) is None
     assert mosaic_rejects("float16", 128, **ok) is None
     assert mosaic_rejects("bfloat16", 32, **ok) is None
@@ -23,7 +22,6 @@ def test_mosaic_rejects_name_the_reason():
              "dtype must be one of": ("float32", 64, ok),
              "causal": ("bfloat16", 64, ok | {"causal": True}),
              "block masks": ("bfloat16", 64, ok | {"has_block_mask": True}),
-             "dropout": ("bfloat16", 64, ok | {"dropout": True}),
              "right padding": ("bfloat16", 64, ok | {"key_mask_is_prefix": False})}
     for expected, (dtype, head_dim, facts) in cases.items():
         assert expected in mosaic_rejects(dtype, head_dim, **facts)
