@@ -12,10 +12,13 @@ hash, so no mask is stored (kernels/pallas_dropout.py).
 On a CUDA GPU the kernels lower through Pallas' Triton backend; on Hopper GPUs, dense
 non-causal calls without dropout run instead the Mosaic GPU kernels (FlashAttention-3 structure:
 ``pallas_mosaic_forward``, ``pallas_mosaic_backward``; kernels/NOTES.md has the measurements
-behind both choices). Elsewhere they can run in Pallas interpret mode, which executes the same
-kernel bodies with ordinary XLA operations: pass ``interpret=True``, or set
-``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so that ``dot_product_attention(..., implementation=
-("pallas", ...))`` accepts CPU calls (slow; for tests and debugging).
+behind both choices). The Mosaic kernels also apply dropout, with the Triton kernels' decisions,
+but only when asked for by name (``kernels="mosaic"``): that path is written and lowered on CPU,
+not yet run on a GPU (``MOSAIC_DROPOUT_BY_DEFAULT``). Elsewhere the Triton-family kernels can
+run in Pallas interpret mode, which executes the same kernel bodies with ordinary XLA operations:
+pass ``interpret=True``, or set ``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so that
+``dot_product_attention(..., implementation=("pallas", ...))`` accepts CPU calls (slow; for tests
+and debugging).
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ KernelFamily = Literal["mosaic", "triton"]
 KERNEL_FAMILIES: tuple[str, ...] = get_args(KernelFamily)
 HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = ("bfloat16", "float16", "float32")  # either family; Mosaic: MOSAIC_DTYPES
+# Whether calls with dropout choose the Mosaic kernels on Hopper without being asked. False
+# until their GPU tests (tests/test_pallas_mosaic*.py, dropout cases) have passed on a GPU.
+MOSAIC_DROPOUT_BY_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +266,8 @@ def _prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, drop
 
     has_bias = key_mask is not None or k_pad != k_len
     # Padded keys are masked by sequence lengths in the Mosaic kernels.
-    mosaic = MosaicPlan(scale=scale, has_lengths=has_bias) if use_mosaic else None
+    mosaic = (MosaicPlan(scale=scale, has_lengths=has_bias, dropout_rate=float(dropout_rate))
+              if use_mosaic else None)
     bias = None
     if has_bias:
         valid = jnp.ones((batch, k_len), bool) if key_mask is None else key_mask
@@ -331,8 +338,11 @@ def pallas_attention(
     ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
     ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
     padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
-    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls without dropout), "triton",
-    or None: Mosaic where it serves the call on a Hopper GPU, else Triton.
+    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls; raises naming the reason
+    for a call they cannot serve), "triton", or None: Mosaic where it serves the call on a
+    Hopper GPU, else Triton. Calls with dropout take the Triton kernels unless
+    ``kernels="mosaic"``: the Mosaic dropout path applies the same decisions but is written
+    and lowered on CPU, not yet run on a GPU.
     ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
     visible, token by token; its tiles are classified on the host and only the partial ones
     evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
@@ -402,7 +412,7 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
     reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
                             has_predicate=predicate is not None,
                             has_key_mask=key_mask is not None,
-                            key_mask_is_prefix=key_mask_is_prefix, dropout=dropout_rate > 0.0)
+                            key_mask_is_prefix=key_mask_is_prefix)
     if reason is None and interpret:
         reason = "it has no interpret mode (Hopper GPUs only)"
     if reason is None:
@@ -414,7 +424,8 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
             raise ValueError(f"pallas attention: the Mosaic kernels cannot serve this call: "
                              f"{reason}")
         return False
-    return True
+    # Mosaic dropout runs only when asked for by name until a GPU run has validated it.
+    return kernels == "mosaic" or dropout_rate == 0.0 or MOSAIC_DROPOUT_BY_DEFAULT
 
 
 def _forward(kernels, q, k, v, bias, streams, lengths):
@@ -422,7 +433,7 @@ def _forward(kernels, q, k, v, bias, streams, lengths):
     schedules, Mosaic plan or None)."""
     (fwd_plan, _, _), schedules, mosaic = kernels
     if mosaic is not None:
-        return mosaic_forward(q, k, v, lengths, mosaic)
+        return mosaic_forward(q, k, v, lengths, mosaic, streams)
     return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
 
 
@@ -430,8 +441,9 @@ def _backward(kernels, q, k, v, bias, streams, lengths, out, lse, d_out):
     """dq, dk, dv from the backward kernels of ``kernels`` given the output and base-2 LSE."""
     (_, kv_plan, q_plan), schedules, mosaic = kernels
     if mosaic is not None:
-        plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths)
-        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan)
+        plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths,
+                                  dropout_rate=mosaic.dropout_rate)
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan, streams)
         return dq.astype(q.dtype), dk, dv
     return flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
                           (kv_plan, q_plan))

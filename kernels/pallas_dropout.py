@@ -23,6 +23,12 @@ per element replace a full hash per element, which cost more than the kernels' o
 work (kernels/NOTES.md, v5). Everything is int32 arithmetic with wrap-around and logical shifts
 (the same bits as uint32), which Pallas' Triton lowering and interpret mode both execute exactly.
 ``keep_mask`` materialises the same decisions for tests.
+
+The Mosaic GPU kernels do not hash in-kernel: they read the row and column words of every
+position (``position_words``, [b, h, n] int32 computed in XLA) beside the log-sum-exp and apply
+``keep_outer``, the same multiply and compare. In a wgmma accumulator layout each thread holds 32
+of a 128-key tile's columns (each column replicated over 32 threads), so two ``fmix`` per column
+per step would cost about three times the per-element multiply, compare and select.
 """
 
 from __future__ import annotations
@@ -75,12 +81,30 @@ def threshold(rate: float) -> int:
     return min(int(round(rate * 2**32)), 2**32 - 1) - 2**31
 
 
+def row_words(stream, rows: Int[Array, "... q"]) -> Int[Array, "... q"]:
+    """The odd row keys of query positions ``rows`` (``stream`` broadcasts against them)."""
+    return fmix(stream ^ rows * _ROW) | 1
+
+
+def column_words(stream, cols: Int[Array, "... k"]) -> Int[Array, "... k"]:
+    """The odd column multipliers of key positions ``cols`` (``stream`` broadcasts)."""
+    return fmix(fmix(stream ^ cols * _COLUMN)) | 1
+
+
+def keep_outer(rows: Int[Array, " m"], cols: Int[Array, " n"], rate: float) -> Bool[Array, "m n"]:
+    """Keep decisions of every (row word, column word) pair: one wrapping multiply and compare
+    per element. The product commutes, so a transposed tile (keys as rows, as in the Mosaic
+    backward) passes column words as ``rows``. Written with ``broadcast_in_dim`` so that Mosaic
+    GPU kernels can call it on vectors in an accumulator's row and column layouts."""
+    shape = (rows.shape[0], cols.shape[0])
+    bits = lax.broadcast_in_dim(rows, shape, [0]) * lax.broadcast_in_dim(cols, shape, [1])
+    return bits >= threshold(rate)
+
+
 def keep_bits(stream, rows: Int[Array, " q"], cols: Int[Array, " k"],
               rate: float) -> Bool[Array, "q k"]:
     """Keep decisions for query positions ``rows`` x key positions ``cols`` of one stream."""
-    row = fmix(stream ^ rows * _ROW) | 1  # [q] odd keys
-    column = fmix(fmix(stream ^ cols * _COLUMN)) | 1  # [k] odd multipliers
-    return row[:, None] * column[None, :] >= threshold(rate)  # [q, k]
+    return keep_outer(row_words(stream, rows), column_words(stream, cols), rate)  # [q, k]
 
 
 def keep_tile(stream, q_tile, k_tile, block_q: int, block_k: int,
@@ -89,6 +113,16 @@ def keep_tile(stream, q_tile, k_tile, block_q: int, block_k: int,
     rows = q_tile * block_q + lax.iota(jnp.int32, block_q)
     cols = k_tile * block_k + lax.iota(jnp.int32, block_k)
     return keep_bits(stream, rows, cols, rate)
+
+
+def position_words(streams: Int[Array, " bh"], batch: int, heads: int, q_len: int,
+                   k_len: int) -> tuple[Int[Array, "b h q"], Int[Array, "b h k"]]:
+    """Row words of every query position and column words of every key position of every
+    (batch, head) stream, ``[batch, heads, q_len]`` and ``[batch, heads, k_len]``: what the
+    Mosaic kernels read beside the log-sum-exp instead of hashing in-kernel."""
+    streams = streams.reshape(batch, heads, 1)
+    return (row_words(streams, jnp.arange(q_len, dtype=jnp.int32)),
+            column_words(streams, jnp.arange(k_len, dtype=jnp.int32)))
 
 
 def keep_mask(dropout_rng: jax.Array, rate: float, batch: int, heads: int, q_len: int,

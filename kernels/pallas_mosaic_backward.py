@@ -40,6 +40,15 @@ mask, keys masked (if at all) by per-sequence lengths; sequence lengths multiple
 caller pads: padded queries have dO = 0 rows, which contribute nothing). Programs whose keys all lie
 past their sequence's length skip the sweep and write zero gradients.
 
+Attention dropout (``MosaicBackwardPlan.dropout_rate``, keep mask Z, kept weights scaled by
+``1 / (1 - rate)``) follows ``pallas_backward``: dV takes the dropped probabilities
+``Z P^T / (1 - rate)``, and dP^T is masked and scaled the same way before
+``dS^T = P^T * (dP^T - delta)`` (delta = rowsum(dO * O) of the dropped output). The decisions are
+``pallas_dropout``'s: each consumer reads its keys' column words once from global memory, in the
+row layout of the transposed tiles, and the queries' row words travel with delta (one
+[2, block_q] copy per query tile, so shared memory, full at D = 128, grows by nothing). Without
+dropout the kernel is traced exactly as before the option existed.
+
 There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the GPU only.
 """
 
@@ -53,11 +62,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from xformers_zoo.kernels.pallas_dropout import keep_outer, position_words
 from xformers_zoo.kernels.pallas_in_kernel import LOG2_E
 from xformers_zoo.kernels.pallas_mosaic_forward import (
     HEAD_DIMS,
     MOSAIC_DTYPES,
     check_launch,
+    fixed_words,
+    load_vector,
     swizzled,
 )
 
@@ -83,6 +95,7 @@ class MosaicBackwardPlan:
     # Measured 2-5% faster than 232/40 at D = 128 (fewer spills), the same at D = 64.
     consumer_registers: int = 240
     producer_registers: int = 24
+    dropout_rate: float = 0.0  # > 0: drop attention weights (the caller passes dropout streams)
 
     @property
     def keys_per_program(self) -> int:
@@ -90,19 +103,8 @@ class MosaicBackwardPlan:
         return KEY_TILES_PER_PROGRAM * self.block_k
 
 
-def _load(ref, layout):
-    """Loads a whole shared-memory vector in ``layout`` (JAX 0.10 takes an index argument,
-    0.11 deprecates it)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    try:
-        return plgpu.load(ref, layout=layout)
-    except TypeError:
-        return plgpu.load(ref, (), layout=layout)
-
-
-def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref, dk_ref, dv_ref,
-            scratch, *, plan: MosaicBackwardPlan, q_tiles: int):
+def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column_words_ref,
+            dq_ref, dk_ref, dv_ref, scratch, *, plan: MosaicBackwardPlan, q_tiles: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ((k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem),
@@ -144,6 +146,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
         log2_scale = plan.scale * LOG2_E
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
+        if plan.dropout_rate:  # keys are the rows of the transposed tiles
+            key_words = fixed_words(column_words_ref, batch, head, key0, block_k,
+                                    plgpu.Layout.WGMMA.reduce(1))
 
         def send_dq(i, dq):
             # The last reduce-add must have finished reading the staging tile (a second staging
@@ -156,7 +161,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
 
         def probabilities(s_t, slot):
             plgpu.barrier_wait(lse_ready.at[slot])
-            lse = _load(lse_smem.at[slot], column)
+            lse = load_vector(lse_smem.at[slot], column)
             p_t = jnp.exp2(s_t * log2_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
             if plan.has_lengths:  # keys (rows) at or past the length are padding
                 rows = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=wgmma_layout)
@@ -164,9 +169,27 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             return p_t
 
         def score_grads(p_t, dp_t, slot):
-            plgpu.barrier_wait(delta_ready.at[slot])
-            delta = _load(delta_smem.at[slot], column)
+            if plan.dropout_rate:  # delta came with the row words (dropout_decisions waited)
+                delta = load_vector(delta_smem.at[slot, 0], column)
+            else:
+                plgpu.barrier_wait(delta_ready.at[slot])
+                delta = load_vector(delta_smem.at[slot], column)
             return (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
+
+        def dropout_decisions(slot):
+            """Keep decisions of this step's [block_k, block_q] transposed tile, from the
+            queries' row words (stored as float32 bits beside delta) and the keys' words."""
+            plgpu.barrier_wait(delta_ready.at[slot])
+            words = load_vector(delta_smem.at[slot, 1], column)
+            return keep_outer(key_words, lax.bitcast_convert_type(words, jnp.int32),
+                              plan.dropout_rate)
+
+        def dropped(x, keep):
+            """``x`` with dropped weights zeroed and kept ones scaled by ``1 / (1 - rate)``
+            (``x`` itself without dropout)."""
+            if keep is None:
+                return x
+            return jnp.where(keep, x * (1.0 / (1.0 - plan.dropout_rate)), 0.0)
 
         def dq_product(dq_acc, buf):
             """The step's dQ tile from both consumers' dS^T (read transposed)."""
@@ -198,9 +221,10 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
                     plgpu.wgmma(dp_acc, v_tile, do_tile.transpose((1, 0)))
                     s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=pending)
                     p_t = probabilities(s_t, slot)
-                    plgpu.wgmma(dv_acc, p_t.astype(dtype), do_tile)
+                    keep = dropout_decisions(slot) if plan.dropout_rate else None
+                    plgpu.wgmma(dv_acc, dropped(p_t, keep).astype(dtype), do_tile)
                     dp_t = plgpu.wgmma_accumulator_load(dp_acc, wait_n=pending)
-                    ds_t = score_grads(p_t, dp_t, slot)
+                    ds_t = score_grads(p_t, dropped(dp_t, keep), slot)
                     plgpu.wgmma(dk_acc, ds_t, q_tile)
                     if not plan.overlap:
                         plgpu.wgmma_wait(0)
@@ -247,6 +271,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_smem.at[slot], lse_ready.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+            if plan.dropout_rate:  # delta and the row words in one copy
+                stats = (batch, head, slice(None), pl.ds(tile * block_q, block_q))
             plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem.at[slot],
                                     delta_ready.at[slot])
 
@@ -278,11 +304,13 @@ def mosaic_backward(
     d_out: Float[Array, "b nq h d"],
     lengths: Int[Array, " b"] | None,
     plan: MosaicBackwardPlan,
+    streams: Int[Array, " bh"] | None = None,
 ) -> tuple[Float[Array, "b nq h d"], Float[Array, "b nk h d"], Float[Array, "b nk h d"]]:
     """Gradients (dq float32, dk and dv in the input dtype) of dense non-causal softmax attention;
     ``nq`` a multiple of ``plan.block_q`` and ``nk`` of ``plan.keys_per_program``; ``lengths``
     (int32, one per sequence, exactly when ``plan.has_lengths``) counts each sequence's real
-    keys."""
+    keys; ``streams`` (exactly when ``plan.dropout_rate`` > 0) are the forward's dropout
+    streams."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, q_len, heads, head_dim = q.shape
@@ -291,18 +319,23 @@ def mosaic_backward(
         raise ValueError(f"mosaic backward: dtype must be one of {MOSAIC_DTYPES} and head_dim "
                          f"one of {HEAD_DIMS}, got {q.dtype} and {head_dim}")
     check_launch("mosaic backward", q_len, plan.block_q, k_len, plan.keys_per_program,
-                 plan.has_lengths, lengths)
+                 plan.has_lengths, lengths, plan.dropout_rate, streams)
     q_tiles = q_len // plan.block_q
     plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles))
     # delta = rowsum(dO * O): one fused XLA reduction (a product and sum, not a dot, which XLA
     # would hand to its GEMM emitters), [b, h, nq] float32.
     delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
+    column_words = None
+    if plan.dropout_rate:  # delta and the queries' row words (as float32 bits): [b, h, 2, nq]
+        row_words, column_words = position_words(streams, batch, heads, q_len, k_len)
+        delta = jnp.stack([delta, lax.bitcast_convert_type(row_words, jnp.float32)], axis=2)
     lse = lse.astype(jnp.float32)
     dtype = q.dtype
     tile = swizzled(head_dim, dtype)  # 128-byte swizzle for D >= 64
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
+        column_words_ref = refs[-4] if plan.dropout_rate else None
         dq_ref, dk_ref, dv_ref = refs[-3:]
         buffers = (
             plgpu.SMEM((KEY_TILES_PER_PROGRAM, plan.block_k, head_dim), dtype, **tile),  # K
@@ -310,7 +343,8 @@ def mosaic_backward(
             plgpu.SMEM((plan.stages, plan.block_q, head_dim), dtype, **tile),  # Q
             plgpu.SMEM((plan.stages, plan.block_q, head_dim), dtype, **tile),  # dO
             plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # LSE
-            plgpu.SMEM((plan.stages, plan.block_q), jnp.float32),  # delta
+            plgpu.SMEM((plan.stages, *((2,) if plan.dropout_rate else ()), plan.block_q),
+                       jnp.float32),  # delta (and the row words, with dropout)
             # dS^T of both consumers, two steps deep: one consumer may store the next step's
             # while the other still reads this step's.
             plgpu.SMEM((2, KEY_TILES_PER_PROGRAM, plan.block_k, plan.block_q), dtype, **tile),
@@ -324,7 +358,8 @@ def mosaic_backward(
         keys_done = plgpu.Barrier(num_arrivals=KEY_TILES_PER_PROGRAM)
         pl.run_scoped(
             lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,
-                                     dq_ref, dk_ref, dv_ref, scratch, plan=plan, q_tiles=q_tiles),
+                                     column_words_ref, dq_ref, dk_ref, dv_ref, scratch, plan=plan,
+                                     q_tiles=q_tiles),
             buffers, kv_loaded, q_loaded, released, ds_stored, keys_done, collective_axes="wg")
 
     mesh = plgpu.Mesh(grid=(heads, k_len // plan.keys_per_program, batch),
@@ -339,5 +374,6 @@ def mosaic_backward(
     # kernel updates in place (a mutable array, aliased to the kernel's output).
     dq = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
     args = (q, k, v, d_out, lse, delta) + (() if lengths is None else (lengths.astype(jnp.int32),))
+    args += () if column_words is None else (column_words,)
     dk, dv = call(*args, dq)
     return jax.freeze(dq), dk, dv

@@ -13,6 +13,14 @@ mask, keys masked (if at all) by per-sequence lengths, i.e. padding at the end. 
 tiles are not visited. Its outputs (O and the base-2 log-sum-exp) match ``pallas_forward``'s, so the
 same backward kernels follow it. ``pallas_attention`` decides when it runs (kernels/NOTES.md).
 
+Attention dropout (``MosaicPlan.dropout_rate``) takes the decisions of ``pallas_dropout``: each
+consumer reads its query rows' words once from global memory, in the accumulator's row layout,
+and the producer streams each key tile's column words beside the keys; per element one multiply
+and compare (``keep_outer``). As in ``pallas_forward``, the softmax sum counts every weight, the
+dropped ones are zeroed before the value product, and the output is scaled by
+``1 / (1 - rate)``, so the log-sum-exp is that of the undropped softmax. Without dropout the
+kernel is traced exactly as before the option existed.
+
 There is no interpret mode: Pallas' GPU interpreter (JAX 0.10-0.11) evaluates neither wgmma on a
 transposed shared-memory operand nor accumulators seeded from registers, so this kernel is
 tested on the GPU only (``gpu`` marker).
@@ -29,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from xformers_zoo.kernels.pallas_dropout import keep_outer, position_words
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -48,6 +57,7 @@ class MosaicPlan:
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
     stages: int = 2  # key/value slots in shared memory
+    dropout_rate: float = 0.0  # > 0: drop attention weights (the caller passes dropout streams)
 
     @property
     def rows_per_program(self) -> int:
@@ -68,20 +78,45 @@ def swizzled(columns: int, dtype) -> dict:
 
 
 def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multiple: int,
-                 has_lengths: bool, lengths) -> None:
+                 has_lengths: bool, lengths, dropout_rate: float = 0.0, streams=None) -> None:
     """Raises unless q and k lengths are whole multiples of a Mosaic kernel's tiles and
-    ``lengths`` is given exactly when the plan expects it (the caller pads)."""
+    ``lengths`` is given exactly when the plan expects it (the caller pads), and likewise
+    dropout ``streams`` exactly when the plan drops (at a rate in [0, 1))."""
     if q_len % q_multiple or k_len % k_multiple:
         raise ValueError(f"{kernel}: q length {q_len} must be a multiple of {q_multiple} and "
                          f"k length {k_len} of {k_multiple}")
     if has_lengths != (lengths is not None):
         raise ValueError(f"{kernel}: lengths must be given exactly when the plan has them")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"{kernel}: dropout_rate must be in [0, 1), got {dropout_rate}")
+    if (dropout_rate > 0.0) != (streams is not None):
+        raise ValueError(f"{kernel}: dropout streams must be given exactly when the plan's "
+                         f"dropout_rate is above 0")
+
+
+def load_vector(ref, layout, *, optimized: bool = True):
+    """Loads a whole vector ref in ``layout`` (JAX 0.10 takes an index argument, 0.11
+    deprecates it). Global-memory refs need ``optimized=False`` (element-wise loads)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    try:
+        return plgpu.load(ref, layout=layout, optimized=optimized)
+    except TypeError:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+
+
+def fixed_words(words_ref, batch, head, start, size: int, layout):
+    """The dropout words of one (batch, head)'s positions ``start .. start + size`` that a
+    consumer uses for its whole sweep, read once from global memory straight into ``layout``
+    (the kernels' shared memory is kept for what streams)."""
+    return load_vector(words_ref.at[batch, head, pl.ds(start, size)], layout, optimized=False)
 
 
 def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
-                   has_key_mask: bool, key_mask_is_prefix: bool, dropout: bool,
+                   has_key_mask: bool, key_mask_is_prefix: bool,
                    has_predicate: bool = False) -> str | None:
-    """Why this forward cannot serve a call (the Triton forward then does), or None."""
+    """Why this forward cannot serve a call (the Triton forward then does), or None. Dropout
+    is served; whether it runs here by default is ``pallas_attention``'s choice."""
     if dtype not in MOSAIC_DTYPES:
         return f"dtype must be one of {MOSAIC_DTYPES}, got {dtype}"
     if head_dim not in HEAD_DIMS:
@@ -93,19 +128,19 @@ def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: b
     if has_predicate:
         return ("mask predicates are not implemented: calls with one run on the Triton-family "
                 "kernels")
-    if dropout:
-        return "attention dropout is not implemented"
     if has_key_mask and not key_mask_is_prefix:
         return "key masks must be right padding (key_mask_is_prefix=True)"
     return None
 
 
-def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: MosaicPlan,
-            k_tiles: int):
+def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratch, *,
+            plan: MosaicPlan, k_tiles: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn = (
-        scratch)
+        scratch[:4])
+    if plan.dropout_rate:  # row and column words of the dropout decisions; the column ring
+        (row_words_ref, column_words_ref), (column_smem, column_ready) = words_refs, scratch[4:]
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index("wg")
     block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
@@ -137,6 +172,8 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
         acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                 plgpu.Layout.WGMMA)
         log2_scale = plan.scale * LOG2_E  # logits in base-2 units, as pallas_forward's
+        if plan.dropout_rate:
+            row_words = fixed_words(row_words_ref, batch, head, row0, block_q, row_layout)
 
         @pl.when(steps > 0)
         def _():
@@ -155,6 +192,9 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
                 return acc_ref[...]
 
             s = pl.run_scoped(logits, plgpu.ACC((block_q, block_k), jnp.float32))  # [bq, bk]
+            if plan.dropout_rate:  # in registers before the slot is released with the keys
+                plgpu.barrier_wait(column_ready.at[slot])
+                column_words = load_vector(column_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:  # the one tile that holds the sequence's last keys
                 cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -164,6 +204,8 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
             p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
             total = total * correction + p.sum(axis=1)
+            if plan.dropout_rate:  # the sum above counts every weight, kept or not
+                p = jnp.where(keep_outer(row_words, column_words, plan.dropout_rate), p, 0.0)
             p_in = p.astype(dtype)
             # Pin the softmax before the turn hand-over: measured faster in FA-3 style kernels.
             acc, total, m_next, p_in = lax.optimization_barrier((acc, total, m_next, p_in))
@@ -197,6 +239,8 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
             lse = jnp.where(seen, m + jnp.log(total) * LOG2_E, EMPTY_ROW_LSE)
         else:
             lse = m + jnp.log(total) * LOG2_E
+        if plan.dropout_rate:  # kept weights scale by 1 / (1 - rate); the LSE stays undropped
+            total = total * (1.0 - plan.dropout_rate)
         acc = acc / lax.broadcast_in_dim(total, acc.shape, [0])
         q_tile[...] = acc.astype(dtype)  # the query tile's slot is free: stage O there
         lse_tile[...] = lse
@@ -209,9 +253,17 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch(i, slot):
+        def fetch_keys(i, slot):
             keys = (batch, pl.ds(i * block_k, block_k), head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            if plan.dropout_rate:  # the tile's column words share the keys' slot
+                plgpu.copy_gmem_to_smem(column_words_ref.at[batch, head, pl.ds(i * block_k,
+                                                                                block_k)],
+                                        column_smem.at[slot], column_ready.at[slot])
+            return keys
+
+        def fetch(i, slot):
+            keys = fetch_keys(i, slot)
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
         for i in range(stages):
@@ -223,8 +275,7 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch, *, plan: 
             # Both consumers must have released the slot (keys and values separately, so the
             # next keys land while the last values are still being read).
             plgpu.barrier_wait(k_free.at[slot])
-            keys = (batch, pl.ds(i * block_k, block_k), head)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            keys = fetch_keys(i, slot)
             plgpu.barrier_wait(v_free.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
@@ -235,22 +286,26 @@ def mosaic_forward(
     v: Float[Array, "b nk h d"],
     lengths: Int[Array, " b"] | None,
     plan: MosaicPlan,
+    streams: Int[Array, " bh"] | None = None,
 ) -> tuple[Float[Array, "b nq h d"], Float[Array, "b h nq"]]:
     """Output and base-2 log-sum-exp of attention; ``nq`` a multiple of
     ``plan.rows_per_program`` and ``nk`` of ``plan.block_k``; ``lengths`` (int32, one per
-    sequence) counts the real keys of each sequence (the rest are padding)."""
+    sequence) counts the real keys of each sequence (the rest are padding); ``streams``
+    (``pallas_dropout.head_streams``, exactly when ``plan.dropout_rate`` > 0) seed the dropout
+    decisions."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
     check_launch("mosaic forward", q_len, plan.rows_per_program, k_len, plan.block_k,
-                 plan.has_lengths, lengths)
+                 plan.has_lengths, lengths, plan.dropout_rate, streams)
     k_tiles = k_len // plan.block_k
     plan = dataclasses.replace(plan, stages=min(plan.stages, k_tiles))
     tile = swizzled(head_dim, q.dtype)  # 128-byte swizzle for D >= 64
 
     def entry(q_ref, k_ref, v_ref, *refs):
         lengths_ref = refs[0] if plan.has_lengths else None
+        words_refs = refs[plan.has_lengths:-2] if plan.dropout_rate else None
         o_ref, lse_ref = refs[-2:]
         buffers = (plgpu.SMEM((QUERY_TILES_PER_PROGRAM, plan.block_q, head_dim), q.dtype, **tile),
                    plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **tile),
@@ -262,10 +317,13 @@ def mosaic_forward(
         released = (plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM,
                                   num_barriers=plan.stages),) * 2
         turn = plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM)
+        words = () if not plan.dropout_rate else (  # column words, one slot per key tile
+            plgpu.SMEM((plan.stages, plan.block_k), jnp.int32),
+            plgpu.Barrier(num_barriers=plan.stages))
         pl.run_scoped(
-            lambda *scratch: _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, scratch,
-                                     plan=plan, k_tiles=k_tiles),
-            buffers, loaded, released, turn, collective_axes="wg")
+            lambda *scratch: _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref,
+                                     scratch, plan=plan, k_tiles=k_tiles),
+            buffers, loaded, released, turn, *words, collective_axes="wg")
 
     call = plgpu.kernel(
         entry,
@@ -275,4 +333,6 @@ def mosaic_forward(
         num_threads=QUERY_TILES_PER_PROGRAM + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True))
     args = (q, k, v) if lengths is None else (q, k, v, lengths.astype(jnp.int32))
+    if plan.dropout_rate:
+        args += position_words(streams, batch, heads, q_len, k_len)
     return call(*args)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU-machine job for the attention kernels. Steps (any subset, in order given):
-#   kernel-tests  the fused Mosaic backward's own GPU tests
-#   tests         every other GPU test (-m gpu): pallas_attention with both kernel families,
-#                 cuDNN's plain and length-masked calls, mask predicates, the shared layers
+#   kernel-tests  the fused Mosaic backward's own GPU tests (with and without dropout)
+#   tests         every other GPU test (-m gpu): pallas_attention with both kernel families
+#                 (the Mosaic kernels' dropout against the float64 reference and against the
+#                 Triton kernels' decisions), cuDNN's plain and length-masked calls, mask
+#                 predicates, the shared layers
 #   time          the fused backward against cuDNN and the Triton kernels for SHAPES (N:D, space
 #                 separated; PLANS: plan names of scripts/time_mosaic_backward.py)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
@@ -31,7 +33,7 @@ for step in "$@"; do
       nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader -l 10 \
         > "$logs/kernel_tests_gpu_util.log" 2>&1 &
       monitor=$!
-      run kernel_tests 150 python3 -m pytest -v -m gpu -p no:cacheprovider \
+      run kernel_tests 200 python3 -m pytest -v -m gpu -p no:cacheprovider \
         -o faulthandler_timeout=45 tests/test_pallas_mosaic_backward.py
       kill $monitor
       grep -E "PASSED|FAILED|Timeout|File .*xformers_zoo|File .*tests/" "$logs/kernel_tests.log" \
@@ -39,7 +41,7 @@ for step in "$@"; do
       tr '\n' ' ' < "$logs/kernel_tests_gpu_util.log"; echo
       tail -4 "$logs/kernel_tests.log" ;;
     tests)
-      run tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests \
+      run tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests \
         --ignore=tests/test_pallas_mosaic_backward.py
       tail -4 "$logs/tests.log" ;;
     time)

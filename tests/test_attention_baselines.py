@@ -140,6 +140,18 @@ def test_bench_rows_name_both_cudnn_calls():
     assert DENSE_PEERS == ("torch-cudnn", "torch-flex") and SPARSE_PEER == "torch-flex-sparse"
 
 
+def test_bench_times_mosaic_dropout_beside_triton_dropout():
+    """``--dropout-rate`` adds a Mosaic-kernel dropout row beside pallas's (Triton) one; without
+    dropout the by-name Mosaic row would repeat ``pallas`` and is left out."""
+    from xformers_zoo.bench.kernels import _variants, parse_args
+
+    impls = ["pallas", "pallas_mosaic", "cudnn"]
+    plain = _variants(parse_args(["--impls", *impls]))
+    assert plain == [("pallas", 0.0), ("cudnn", 0.0)]
+    dropped = _variants(parse_args(["--impls", *impls, "--dropout-rate", "0.1"]))
+    assert dropped == plain + [("pallas", 0.1), ("pallas_mosaic", 0.1)]
+
+
 @pytest.mark.parametrize("window", [128, 512, 2048])
 def test_flex_mask_mod_is_the_bench_pattern(window):
     n, block = 2048, 128

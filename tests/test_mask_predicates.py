@@ -170,8 +170,7 @@ def test_dispatch_sends_predicates_to_triton_kernels(monkeypatch):
     tiled = LRA_LOCAL.with_tiles(masks.dense(200, 50))
     impl, skipped = choose_implementation(_call(mask_predicate=tiled), ("pallas", "xla"))
     assert impl.name == "xla" and "powers of two >= 16, got 50x50" in dict(skipped)["pallas"]
-    ok = dict(causal=False, has_block_mask=False, has_key_mask=False, key_mask_is_prefix=False,
-              dropout=False)
+    ok = dict(causal=False, has_block_mask=False, has_key_mask=False, key_mask_is_prefix=False)
     assert mosaic_rejects("bfloat16", 64, **ok) is None
     reason = mosaic_rejects("bfloat16", 64, has_predicate=True, **ok)
     assert "mask predicates" in reason and "Triton-family" in reason

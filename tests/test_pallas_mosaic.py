@@ -1,21 +1,22 @@
 """The Mosaic GPU kernels (forward and fused backward) through ``pallas_attention``. They have
 no interpret mode, so on CPU only their selection logic is tested; the ``gpu`` tests check
-outputs and q, k, v gradients against the float64 reference."""
+outputs and q, k, v gradients against the float64 reference, with and without attention dropout
+(whose decisions must be the Triton kernels' own)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from test_pallas_attention import run_and_check
+from test_pallas_attention import rel_err, run_and_check
 
 from xformers_zoo.kernels.pallas_attention import pallas_attention
 from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_rejects
 
 
 def test_mosaic_rejects_name_the_reason():
-    ok = dict(causal=False, has_block_mask=False, has_key_mask=True, key_mask_is_prefix=True,
-              dropout=False)
+    ok = dict(causal=False, has_block_mask=False, has_key_mask=True, key_mask_is_prefix=True)
     assert mosaic_rejects("bfloat16", 64, **ok) is None
     assert mosaic_rejects("float16", 128, **ok) is None
     assert mosaic_rejects("bfloat16", 32, **ok) is None
@@ -23,7 +24,6 @@ def test_mosaic_rejects_name_the_reason():
              "dtype must be one of": ("float32", 64, ok),
              "causal": ("bfloat16", 64, ok | {"causal": True}),
              "block masks": ("bfloat16", 64, ok | {"has_block_mask": True}),
-             "dropout": ("bfloat16", 64, ok | {"dropout": True}),
              "right padding": ("bfloat16", 64, ok | {"key_mask_is_prefix": False})}
     for expected, (dtype, head_dim, facts) in cases.items():
         assert expected in mosaic_rejects(dtype, head_dim, **facts)
@@ -60,6 +60,51 @@ def test_gpu_mosaic_kernels(case):
         key_mask = jnp.arange(case["k_len"])[None, :] < jnp.array(lengths)[:, None]
     run_and_check(21, batch=3, heads=2, tol=2e-2, tiles=None, interpret=False,
                   key_mask=key_mask, key_mask_is_prefix=True, kernels="mosaic", **case)
+
+
+MOSAIC_DROPOUT_CASES = [
+    dict(head_dim=64, n=1000, lengths=(1000, 333, 0)),  # not a tile multiple; an empty sequence
+    dict(head_dim=64, n=512, lengths=None),
+    dict(head_dim=128, n=777, lengths=(777, 129, 1)),
+    dict(head_dim=128, n=1024, lengths=None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MOSAIC_DROPOUT_CASES, ids=lambda c: f"d{c['head_dim']}-n{c['n']}")
+def test_gpu_mosaic_dropout(case):
+    """Output and q, k, v gradients of the Mosaic kernels with dropout against the float64
+    reference that drops with ``keep_mask``'s decisions."""
+    n, lengths = case["n"], case["lengths"]
+    key_mask = None
+    if lengths is not None:
+        key_mask = jnp.arange(n)[None, :] < jnp.array(lengths)[:, None]
+    run_and_check(23, batch=3, heads=2, head_dim=case["head_dim"], dtype=jnp.bfloat16,
+                  q_len=n, k_len=n, tol=2e-2, tiles=None, interpret=False, key_mask=key_mask,
+                  key_mask_is_prefix=True, kernels="mosaic", dropout_rate=0.1,
+                  dropout_rng=jax.random.key(24))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,n", [(64, 1000), (128, 512)])
+def test_gpu_dropout_same_in_both_families(head_dim, n):
+    """The same seed drops the same weights in the Mosaic and the Triton kernels: outputs and
+    gradients agree within bf16 rounding, while another seed moves them far outside it."""
+    keys = jax.random.split(jax.random.key(25), 4)
+    q, k, v, d_out = (jax.random.normal(key, (2, n, 2, head_dim), jnp.bfloat16) for key in keys)
+
+    def results(kernels, seed):
+        attend = jax.jit(lambda q, k, v: pallas_attention(
+            q, k, v, dropout_rate=0.3, dropout_rng=jax.random.key(seed), kernels=kernels))
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+
+    triton = results("triton", 26)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results("mosaic", 26), triton,
+                               strict=True):
+        assert rel_err(got, np.asarray(want, np.float64)) < 2e-2, name
+    other_seed = results("mosaic", 27)[0]
+    assert rel_err(other_seed, np.asarray(triton[0], np.float64)) > 0.2
 
 
 @pytest.mark.gpu

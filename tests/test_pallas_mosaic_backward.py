@@ -1,8 +1,9 @@
 """The fused Mosaic GPU backward kernel on its own, against float64 gradients (the numpy
-reference of ``test_pallas_attention``, with a key padding mask), fed with reference residuals
-and, once, with the Mosaic forward's own (O, LSE); every plan option that changes the kernel's
-code is run. GPU only: the kernel has no interpret mode (``test_pallas_mosaic`` covers it through
-``pallas_attention``)."""
+reference of ``test_pallas_attention``, with a key padding mask and, for dropout, the keep
+decisions of ``pallas_dropout.keep_mask``), fed with reference residuals and, once, with the
+Mosaic forward's own (O, LSE); every plan option that changes the kernel's code is run, with and
+without dropout. GPU only: the kernel has no interpret mode (``test_pallas_mosaic`` covers it
+through ``pallas_attention``)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +12,20 @@ import pytest
 from test_pallas_attention import reference as float64_reference
 from test_pallas_attention import rel_err
 
+from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 
+DROPOUT_RNG = jax.random.key(31)
 
-def reference(q, k, v, d_out, lengths):
-    """Output, base-2 LSE of the scaled logits (float32) and the q, k, v gradients (float64)."""
+
+def reference(q, k, v, d_out, lengths, dropout_rate=0.0):
+    """Output (dropped with ``DROPOUT_RNG``'s decisions when ``dropout_rate`` > 0), base-2 LSE
+    of the scaled logits (float32, undropped) and the q, k, v gradients (float64)."""
     key_mask = None
     if lengths is not None:
         key_mask = np.arange(k.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    out, grads = float64_reference(q, k, v, d_out, key_mask=key_mask)
+    out, grads = float64_reference(q, k, v, d_out, key_mask=key_mask, dropout_rate=dropout_rate,
+                                   dropout_rng=DROPOUT_RNG if dropout_rate else None)
     q64, k64 = (np.asarray(x, np.float64) for x in (q, k))
     s = np.einsum("bqhd,bkhd->bhqk", q64, k64) * q.shape[-1] ** -0.5
     if key_mask is not None:
@@ -34,15 +40,20 @@ def inputs(seed, n, head_dim, dtype, batch=2, heads=2):
     return [jax.random.normal(kk, (batch, n, heads, head_dim), dtype) for kk in keys]
 
 
-def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, **plan_changes):
+def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, dropout_rate=0.0,
+        **plan_changes):
     q, k, v, d_out = inputs(seed + n + head_dim, n, head_dim, dtype)
     scale = head_dim ** -0.5
     if lengths is not None:
         lengths = jnp.array(lengths, jnp.int32)
-    out, lse, want = reference(q, k, v, d_out, lengths)
-    plan = MosaicBackwardPlan(scale=scale, has_lengths=lengths is not None, **plan_changes)
-    grads = jax.jit(lambda *a: mosaic_backward(*a, plan))(q, k, v, jnp.asarray(out, dtype), lse,
-                                                           d_out, lengths)
+    out, lse, want = reference(q, k, v, d_out, lengths, dropout_rate)
+    plan = MosaicBackwardPlan(scale=scale, has_lengths=lengths is not None,
+                              dropout_rate=dropout_rate, **plan_changes)
+    streams = None
+    if dropout_rate:
+        streams = head_streams(seed_words(DROPOUT_RNG), q.shape[0], q.shape[2])
+    grads = jax.jit(lambda *a: mosaic_backward(*a, plan, streams))(
+        q, k, v, jnp.asarray(out, dtype), lse, d_out, lengths)
     for name, got, ref in zip("qkv", grads, want, strict=True):
         assert got.shape == ref.shape
         assert got.dtype == (jnp.float32 if name == "q" else dtype), name
@@ -79,6 +90,16 @@ PLAN_CHANGES = [(128, dict(lengths=[512, 200])), (64, dict(overlap=False)),
                               for d, c in PLAN_CHANGES])
 def test_gpu_plan_variants(head_dim, change):
     run(512, head_dim, dtype=jnp.float16, **change)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,head_dim,change", [(512, 64, {}), (1024, 128, {}),
+                                               *((512, d, c) for d, c in PLAN_CHANGES)],
+                         ids=lambda x: str(x))
+def test_gpu_dropout(n, head_dim, change):
+    """Dropout: dV from the dropped probabilities, dP masked and scaled, the decisions those of
+    ``keep_mask`` (the float64 reference drops with them)."""
+    run(n, head_dim, dtype=jnp.float16, dropout_rate=0.2, **change)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,9 @@ from xformers_zoo.kernels.xla import xla_attention
 # The dense reference materialises float32 logits and probabilities (and their gradients).
 XLA_BYTES_LIMIT = 40e9
 # Implementations that apply attention dropout.
-DROPOUT_IMPLS = ("pallas", "xla")
+DROPOUT_IMPLS = ("pallas", "pallas_mosaic", "xla")
+# Timed with dropout only: without it, "pallas" already runs the Mosaic kernels on Hopper.
+DROPOUT_ONLY_IMPLS = ("pallas_mosaic",)
 
 
 def _dropout_key(rate: float):
@@ -51,6 +53,13 @@ def pallas(*, b, n, h, d, block_mask=None, tiles=None, dropout_rate=0.0, kernels
 def pallas_triton(**kwargs):
     """Our Triton kernels everywhere (the Mosaic kernels' baseline)."""
     return pallas(**kwargs, kernels="triton")
+
+
+def pallas_mosaic(**kwargs):
+    """Our Mosaic kernels by name: with dropout, which ``pallas`` still gives to the Triton
+    kernels (``pallas_attention.MOSAIC_DROPOUT_BY_DEFAULT``), the Mosaic dropout path beside
+    them. Off Hopper GPUs its rows carry the refusal as their error."""
+    return pallas(**kwargs, kernels="mosaic")
 
 
 def cudnn(*, b, n, h, d, **_):
@@ -104,6 +113,7 @@ def jax_mgpu(*, b, n, h, d, **_):
     return attend, None
 
 
-IMPLS: dict[str, Callable] = {"pallas": pallas, "pallas_triton": pallas_triton, "cudnn": cudnn,
+IMPLS: dict[str, Callable] = {"pallas": pallas, "pallas_triton": pallas_triton,
+                              "pallas_mosaic": pallas_mosaic, "cudnn": cudnn,
                               "cudnn-lengths": cudnn_lengths, "xla": xla,
                               "jax_triton": jax_triton, "jax_mgpu": jax_mgpu}

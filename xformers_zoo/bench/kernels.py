@@ -11,7 +11,8 @@ in a child process as a PyTorch user would time them), reports TFLOP/s
 FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwidth. A second
 table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
 a PNG plot. ``--dropout-rate`` adds rows with attention dropout for the implementations that
-take it (pallas, xla). Runs as ``xformers-zoo bench kernels``
+take it (pallas, which gives dropout to the Triton kernels, pallas_mosaic, the Mosaic kernels
+asked for by name and timed with dropout only, and xla). Runs as ``xformers-zoo bench kernels``
 (``python -m xformers_zoo bench kernels``).
 """
 
@@ -28,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xformers_zoo.bench.kernel_impls import DROPOUT_IMPLS, IMPLS, make_inputs, parse_tiles
+from xformers_zoo.bench.kernel_impls import (
+    DROPOUT_IMPLS,
+    DROPOUT_ONLY_IMPLS,
+    IMPLS,
+    make_inputs,
+    parse_tiles,
+)
 from xformers_zoo.bench.kernel_report import write_markdown, write_plot
 from xformers_zoo.bench.registry import register_benchmark
 from xformers_zoo.bench.torch_peers import DENSE_PEERS, PEERS, SPARSE_PEER, run_peers
@@ -132,7 +139,8 @@ def peer_row(measured: dict, ceil: dict, density: float = 1.0) -> dict:
 def _variants(args) -> list[tuple[str, float]]:
     """(implementation[@tiles], dropout rate) of every dense row of one shape."""
     impls = [impl for impl in args.impls if impl in IMPLS]
-    plain = [(impl, 0.0) for impl in [*impls, *(f"pallas@{t}" for t in args.pallas_tiles)]]
+    plain = [(impl, 0.0) for impl in [*impls, *(f"pallas@{t}" for t in args.pallas_tiles)]
+             if impl not in DROPOUT_ONLY_IMPLS]
     dropped = [(impl, args.dropout_rate) for impl in impls
                if args.dropout_rate > 0.0 and impl in DROPOUT_IMPLS]
     return plain + dropped
@@ -247,8 +255,9 @@ def parse_args(argv):
     p.add_argument("--sparse-tiles", nargs="*", default=[],
                    help="extra block-sparse rows with other tiles (as --pallas-tiles)")
     p.add_argument("--dropout-rate", type=float, default=0.0,
-                   help="also time pallas and xla with this attention dropout (dense rows, "
-                        "and default-tile block-sparse rows)")
+                   help="also time pallas (Triton kernels), pallas_mosaic (Mosaic kernels) and "
+                        "xla with this attention dropout (dense rows, and default-tile "
+                        "block-sparse pallas rows)")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="leave out the PyTorch peer rows (cuDNN attention, FlexAttention)")
     p.add_argument("--torch-windows", type=int, nargs="*", default=[512],
