@@ -49,7 +49,7 @@ jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 def train(devices, workdir, **extra):
-    loop.data_mesh = lambda: sharding.data_mesh(jax.devices()[:devices])
+    loop.data_mesh = lambda **kw: sharding.data_mesh(jax.devices()[:devices], **kw)
     config = resolve_config("listops", "full", presets=["tiny"], overrides={**overrides, **extra})
     return run(config, workdir, progress=False)
 
