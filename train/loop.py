@@ -304,7 +304,8 @@ def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: Experimen
         "best_step": best["step"], "best_val_accuracy": best["accuracy"],
         "steps_per_sec": float(np.median(rates)) if rates else None,
         "peak_memory_bytes": _peak_memory(), "params": setup.num_params,
-        "devices": setup.mesh.devices.size, "processes": jax.process_count(),
+        "devices": setup.mesh.devices.size, "mesh": dict(setup.mesh.shape),
+        "processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }
