@@ -73,6 +73,9 @@ class TrainConfig:
     where ``mask_rate`` of the real tokens, in spans of ``mask_span`` consecutive tokens, are
     replaced by a mask token and predicted; a classifier then starts from that run with
     ``init_from``. Its accuracy is the masked-token accuracy.
+
+    ``sequence_parallel``: the size of the ``seq`` mesh axis that ring attention shards each
+    sequence over (train/sharding.py); the ``data`` axis gets the remaining devices.
     """
 
     batch_size: int = 32
@@ -86,6 +89,7 @@ class TrainConfig:
     adam_b2: float = 0.98
     adam_eps: float = 1e-9
     grad_accum: int = 1
+    sequence_parallel: int = 1
     eval_every: int = 500
     eval_batches: int | None = None
     checkpoint_every: int = 500
@@ -103,8 +107,8 @@ class TrainConfig:
             raise ValueError(f"train.mask_span must be 1 or more tokens, got {self.mask_span}")
         if self.init_from is not None and not self.init_from.strip():
             raise ValueError("train.init_from must name a run directory or be None, got ''")
-        for name in ("batch_size", "steps", "grad_accum", "eval_every", "checkpoint_every",
-                     "log_every"):
+        for name in ("batch_size", "steps", "grad_accum", "sequence_parallel", "eval_every",
+                     "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:

@@ -53,7 +53,7 @@ def cudnn_call_form(call: AttentionCall) -> str:
 
 
 @register_implementation("cudnn", rejects=cudnn_rejects, description="cuDNN fused attention",
-                         form=cudnn_call_form)
+                         form=cudnn_call_form, partitioned=True)
 def cudnn_attention(q, k, v, *, key_mask=None, block_mask=None, scale=None, causal=False,
                     dropout_rate=0.0, dropout_rng=None, key_mask_is_prefix=True,
                     mask_predicate=None):

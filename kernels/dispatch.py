@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 from jaxtyping import Array, Bool, Float
 
+from xformers_zoo.kernels.batch_shards import call_per_batch_shard
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate
 from xformers_zoo.registry import Registry
@@ -65,7 +66,9 @@ class BlockwiseAttention:
 class KernelImpl:
     """An attention implementation: ``rejects(call)`` gives a reason it cannot serve, or None;
     ``form(call)``, where given, names the way it serves a call (cuDNN: "plain" or "lengths");
-    ``blockwise``, where given, its two passes for ring attention."""
+    ``blockwise``, where given, its two passes for ring attention; ``partitioned``: whether
+    XLA's SPMD partitioner splits it itself (plain XLA ops, or a custom call with a partitioning
+    rule); if not, it runs per batch shard under a mesh (kernels/batch_shards.py)."""
 
     name: str
     fn: Callable[..., jax.Array]
@@ -73,6 +76,7 @@ class KernelImpl:
     description: str = ""
     form: Callable[[AttentionCall], str] | None = None
     blockwise: BlockwiseAttention | None = None
+    partitioned: bool = False
 
 
 IMPLEMENTATIONS: Registry[KernelImpl] = Registry("attention implementation")
@@ -85,14 +89,16 @@ def register_implementation(
     description: str,
     form: Callable[[AttentionCall], str] | None = None,
     blockwise: BlockwiseAttention | None = None,
+    partitioned: bool = False,
 ) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
     """Decorator registering an attention function as implementation ``name`` (see
-    ``KernelImpl`` for ``rejects``, ``form`` and ``blockwise``); returns the function
-    unchanged."""
+    ``KernelImpl`` for ``rejects``, ``form``, ``blockwise`` and ``partitioned``); returns the
+    function unchanged."""
 
     def wrap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         IMPLEMENTATIONS.register(name, KernelImpl(name, fn, rejects, description, form=form,
-                                                  blockwise=blockwise))
+                                                  blockwise=blockwise,
+                                                  partitioned=partitioned))
         return fn
 
     return wrap
@@ -160,6 +166,8 @@ def dot_product_attention(
     order; each skipped one is logged once with its reason (logger ``xformers_zoo.kernels``).
     ``sequence_axis`` names a mesh axis (of the mesh in context, ``jax.set_mesh``) to shard the
     sequence over and run ring attention on (kernels/ring_attention.py); None: no sharding.
+    Implementations that XLA cannot partition run per batch shard when axes of the mesh in
+    context split the batch (kernels/batch_shards.py).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q [b, q, h, d] and k, v [b, k, h, d]; got {q.shape}, "
@@ -189,7 +197,9 @@ def dot_product_attention(
                               **options)
     call = attention_call(q, k, **options)
     impl, _ = choose_and_explain(call, implementation)
-    return impl.fn(q, k, v, **options)
+    if impl.partitioned:
+        return impl.fn(q, k, v, **options)
+    return call_per_batch_shard(impl.fn, q, k, v, **options)
 
 
 def attention_call(q: jax.Array, k: jax.Array, *, key_mask, block_mask, causal, dropout_rate,

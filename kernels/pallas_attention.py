@@ -227,7 +227,8 @@ class _PreparedCall:
 
 
 def _prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropout_rng,
-             interpret, tiles, key_mask_is_prefix, kernels, mask_predicate) -> _PreparedCall:
+             interpret, tiles, key_mask_is_prefix, kernels, mask_predicate,
+             batch_offset=0) -> _PreparedCall:
     """Checks a call and lays it out for the kernels (``pallas_attention`` documents the
     options): tile plans and host schedules, inputs padded to whole tiles, the key bias."""
     if not 0.0 <= dropout_rate < 1.0:
@@ -295,7 +296,8 @@ def _prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, drop
 
     streams = None
     if dropout_rate > 0.0:
-        streams = head_streams(seed_words(dropout_rng), batch, heads)  # [b * h] int32
+        # [b * h] int32
+        streams = head_streams(seed_words(dropout_rng), batch, heads, batch_offset)
     pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, kernel_dim - head_dim))
     pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, kernel_dim - head_dim))
     lengths = None
@@ -330,6 +332,7 @@ def pallas_attention(
     key_mask_is_prefix: bool = False,
     kernels: KernelFamily | None = None,
     mask_predicate: MaskPredicate | Callable | None = None,
+    batch_offset: int | jax.Array = 0,
 ) -> Float[Array, "b q h d"]:
     """FlashAttention through the Pallas kernels; differentiable in q, k and v.
 
@@ -346,11 +349,13 @@ def pallas_attention(
     ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
     visible, token by token; its tiles are classified on the host and only the partial ones
     evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
+    ``batch_offset``: the index of this batch's first row in a larger batch that was split
+    (kernels/batch_shards.py), so that its dropout decisions are those of the whole batch's.
     """
     call = _prepare(q, k, v, key_mask=key_mask, block_mask=block_mask, scale=scale,
                     causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                     interpret=interpret, tiles=tiles, key_mask_is_prefix=key_mask_is_prefix,
-                    kernels=kernels, mask_predicate=mask_predicate)
+                    kernels=kernels, mask_predicate=mask_predicate, batch_offset=batch_offset)
     return call.cut(_flash(*call.kernels)(*call.inputs), call.q_len)
 
 
@@ -391,7 +396,7 @@ def _defaults(options: dict) -> dict:
     ``interpret`` ... as it takes them), for ``_prepare``."""
     defaults = dict(key_mask=None, block_mask=None, scale=None, causal=False, dropout_rate=0.0,
                     dropout_rng=None, interpret=None, tiles=None, key_mask_is_prefix=False,
-                    kernels=None, mask_predicate=None)
+                    kernels=None, mask_predicate=None, batch_offset=0)
     unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"pallas attention: unknown options {sorted(unknown)}; accepted: "

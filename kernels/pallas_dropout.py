@@ -67,9 +67,12 @@ def seed_words(dropout_rng: jax.Array) -> Int[Array, " 2"]:
     return lax.bitcast_convert_type(jax.random.bits(dropout_rng, (2,), jnp.uint32), jnp.int32)
 
 
-def head_streams(seed: Int[Array, " 2"], batch: int, heads: int) -> Int[Array, " bh"]:
-    """Per (batch, head) stream words ``[batch * heads]``, entry ``b * heads + h``."""
-    index = jnp.arange(batch * heads, dtype=jnp.int32)
+def head_streams(seed: Int[Array, " 2"], batch: int, heads: int,
+                 first_row: int | Int[Array, ""] = 0) -> Int[Array, " bh"]:
+    """Per (batch, head) stream words ``[batch * heads]``, entry ``b * heads + h``, for the
+    rows ``first_row .. first_row + batch`` of a larger batch (a shard of it gets the words the
+    whole batch's call gives those rows)."""
+    index = jnp.arange(batch * heads, dtype=jnp.int32) + jnp.asarray(first_row, jnp.int32) * heads
     return fmix(fmix(index * _STREAM ^ seed[0]) ^ seed[1])
 
 

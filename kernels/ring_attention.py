@@ -37,10 +37,12 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float
 
+from xformers_zoo.kernels.batch_shards import batch_axes as batch_axes_of
+from xformers_zoo.kernels.batch_shards import refuse_batch_predicate
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import BlockwiseAttention, attention_call, choose_and_explain
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate
-from xformers_zoo.kernels.ring_blocks import BlockPair, depends_on_batch, pair_blocks
+from xformers_zoo.kernels.ring_blocks import BlockPair, pair_blocks
 
 SEQ_AXIS = "seq"
 
@@ -54,14 +56,6 @@ def _mesh(mesh: Mesh | AbstractMesh | None, axis: str) -> Mesh | AbstractMesh:
                          f"sequence over, found {have}; accepted: run under "
                          f"jax.set_mesh(Mesh(devices, ({axis!r}, ...))) or pass mesh=")
     return mesh
-
-
-def _batch_axes(mesh, axis: str, batch: int) -> tuple[str, ...]:
-    """The other mesh axes (data parallelism) when they split the batch evenly, else none:
-    the batch is then replicated over them."""
-    others = tuple(name for name in mesh.axis_names if name != axis and mesh.shape[name] > 1)
-    size = math.prod(mesh.shape[name] for name in others)
-    return others if others and batch % size == 0 else ()
 
 
 def ring_attention(
@@ -102,11 +96,8 @@ def ring_attention(
         raise ValueError(f"ring attention: causal needs equal query and key lengths, got "
                          f"{q_len} and {k_len}")
     predicate = as_predicate(mask_predicate)
-    batch_axes = _batch_axes(mesh, axis, batch)
-    if batch_axes and predicate is not None and depends_on_batch(predicate):
-        raise ValueError(f"ring attention: the mask predicate reads the batch index, which "
-                         f"differs per device when mesh axes {batch_axes} split the batch; "
-                         f"accepted: predicates of (head, query, key) only")
+    batch_axes = batch_axes_of(mesh, batch, exclude=(axis,))
+    refuse_batch_predicate(predicate, batch_axes, "ring attention")
     local = jax.ShapeDtypeStruct((batch // math.prod(mesh.shape[a] for a in batch_axes),
                                   q_len // shards, heads, head_dim), q.dtype)
     options = dict(key_mask=key_mask, block_mask=block_mask, causal=causal,

@@ -139,7 +139,7 @@ def xla_backward_from_lse(
 
 
 @register_implementation(
-    "xla", rejects=lambda call: None, description="dense XLA reference",
+    "xla", rejects=lambda call: None, description="dense XLA reference", partitioned=True,
     blockwise=BlockwiseAttention(forward=xla_attention_with_lse, backward=xla_backward_from_lse))
 def xla_attention(
     q: Float[Array, "b q h d"],

@@ -25,6 +25,11 @@ COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": j
 OBJECTIVES = ("classify", "masked")
 
 
+def encoder_length(config: ModelConfig, max_length: int) -> int:
+    """Tokens the encoder attends over: ``max_length``, plus the CLS token with CLS pooling."""
+    return max_length + (config.pooling == "cls")
+
+
 class Classifier(nnx.Module):
     """Sequence classifier for any registered variant.
 
@@ -62,13 +67,13 @@ class Classifier(nnx.Module):
         # grids keep their 2-D layout.
         self.cls = (nnx.Param(jnp.zeros((config.emb_dim,), jnp.float32))
                     if config.pooling == "cls" else None)
-        encoder_length = max_length + (config.pooling == "cls")
-        spec.check(config.attention, max_length=encoder_length, num_heads=config.num_heads,
+        length = encoder_length(config, max_length)
+        spec.check(config.attention, max_length=length, num_heads=config.num_heads,
                    head_dim=config.head_dim)
         self.encoder = Encoder(
             spec, config.attention, num_layers=config.num_layers, emb_dim=config.emb_dim,
             qkv_dim=config.qkv_dim, mlp_dim=config.mlp_dim, num_heads=config.num_heads,
-            max_length=encoder_length, dropout=config.dropout,
+            max_length=length, dropout=config.dropout,
             attention_dropout=config.attention_dropout, dtype=dtype, remat=config.remat,
             rngs=rngs, reversible=config.reversible, ff_chunks=config.ff_chunks)
         self.dropout = nnx.Dropout(config.dropout)

@@ -28,6 +28,21 @@ TINY = {"model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32, "model.
         "train.batch_size": 16, "train.log_every": 1, "train.checkpoint_every": 6,
         "train.eval_every": 6, "train.steps": 12}
 DEVICES = 8
+# Sequence-parallel runs (data x seq devices) and their one-device reference: mean pooling, so
+# that the encoder length (48) splits over the seq axis, and no attention dropout, whose ring
+# decisions are not the unsharded ones; 6 steps.
+RING = ":model.pooling=mean:model.attention_dropout=0:train.steps=6"
+SEQUENCE_PARALLEL = {"8:train.sequence_parallel=2": (4, 2), "8:train.sequence_parallel=8": (1, 8)}
+SEQUENCE_PARALLEL_REFUSED = {
+    "8:train.sequence_parallel=2": "train.sequence_parallel 2 does not divide the encoder length "
+                                   "49 (48 tokens + CLS): use model.pooling=mean (CLS pooling "
+                                   "adds a token) and a data.max_length that is a multiple of 2",
+    f"8:train.sequence_parallel=3{RING}": "train.sequence_parallel 3 does not divide the 8 "
+                                          "devices: use a divisor of 8",
+    f"8:train.sequence_parallel=2:model.variant=linear{RING}": (
+        "train.sequence_parallel 2: variant 'linear' has no ring attention; accepted: local, "
+        "longformer, bigbird, sparse-transformer, full, flash"),
+}
 # Compiling dominates these runs: XLA's cheapest CPU compilation halves it (every run compared
 # is compiled alike).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -37,11 +52,20 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # A run "a+b" trains to step 6 on a devices ("first": its metrics), then resumes in the same
 # directory on b devices.
 RUNS = """
-import json, sys
+import importlib, json, sys
 import jax
 from xformers_zoo.configs import resolve_config
 from xformers_zoo.train import loop, run, sharding
 from xformers_zoo.train.metrics import read_metrics
+
+# Counts the traced ring attention calls, to tell which runs shard their sequences.
+ring_module = importlib.import_module("xformers_zoo.kernels.ring_attention")
+ring_calls = [0]
+plain_ring = ring_module.ring_attention
+def counted_ring(*args, **kwargs):
+    ring_calls[0] += 1
+    return plain_ring(*args, **kwargs)
+ring_module.ring_attention = counted_ring
 
 tmp, cache, overrides, names = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
 # Runs on the same devices compile the same steps: compile them once.
@@ -49,7 +73,7 @@ jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 def train(devices, workdir, **extra):
-    loop.data_mesh = lambda: sharding.data_mesh(jax.devices()[:devices])
+    loop.data_mesh = lambda **kw: sharding.data_mesh(jax.devices()[:devices], **kw)
     config = resolve_config("listops", "full", presets=["tiny"], overrides={**overrides, **extra})
     return run(config, workdir, progress=False)
 
@@ -57,7 +81,7 @@ out = {}
 for name in names:
     workdir, spec = f"{tmp}/{name}", name.split(":")
     counts, extra = [int(n) for n in spec[0].split("+")], dict(a.split("=") for a in spec[1:])
-    first = None
+    first, ring_calls[0] = None, 0
     if len(counts) == 2:
         train(counts[0], workdir, **{**extra, "train.steps": 6})
         first = read_metrics(f"{workdir}/metrics.jsonl")
@@ -67,7 +91,7 @@ for name in names:
         out[name] = {"error": str(e)}
         continue
     out[name] = {"final": final, "metrics": read_metrics(f"{workdir}/metrics.jsonl"),
-                 "first": first}
+                 "first": first, "ring_calls": ring_calls[0]}
 print(json.dumps(out))
 """
 
@@ -90,7 +114,9 @@ def runs(tmp_path_factory):
     """The runs compared below, in one child process with 8 simulated devices."""
     tmp = tmp_path_factory.mktemp("dp")
     names = ["1", "2", "4", "8", "8:train.grad_accum=2", "1:train.grad_accum=2",
-             "2+1", "8:train.batch_size=12", "8:train.batch_size=16:train.grad_accum=4"]
+             "2+1", "8:train.batch_size=12", "8:train.batch_size=16:train.grad_accum=4",
+             *(f"{n}{RING}" for n in ("1", *SEQUENCE_PARALLEL)),
+             *SEQUENCE_PARALLEL_REFUSED]
     return {"shared": str(tmp), **_run_simulated(tmp, str(tmp), names)}
 
 
@@ -138,6 +164,21 @@ def test_batches_that_do_not_split_are_refused_in_one_line(runs):
                      "of 8")
     error = runs["8:train.batch_size=16:train.grad_accum=4"]["error"]
     assert "16 / train.grad_accum 4 = 4 rows per micro-batch" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("name", SEQUENCE_PARALLEL)
+def test_sequence_parallel_gives_the_one_device_curve(runs, name):
+    """Ring attention over a seq axis inside the trainer's step, the batch over data."""
+    got, want = runs[name + RING], runs["1" + RING]
+    assert got["final"]["devices"] == DEVICES
+    assert got["final"]["mesh"] == dict(zip(("data", "seq"), SEQUENCE_PARALLEL[name], strict=True))
+    assert got["ring_calls"] > 0 and want["ring_calls"] == 0
+    assert_same_run(got, want)
+
+
+def test_sequence_parallel_refusals_name_the_fix(runs):
+    for name, message in SEQUENCE_PARALLEL_REFUSED.items():
+        assert runs[name]["error"] == message
 
 
 def _free_port() -> int:

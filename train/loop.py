@@ -32,7 +32,14 @@ from xformers_zoo.train.distributed import is_primary
 from xformers_zoo.train.metrics import MetricsLog
 from xformers_zoo.train.objectives import make_objective
 from xformers_zoo.train.optim import make_optimizer, make_schedule
-from xformers_zoo.train.sharding import data_mesh, local_batch_size, replicate, shard_batch
+from xformers_zoo.train.sharding import (
+    data_mesh,
+    local_batch_size,
+    replicate,
+    sequence_parallel_model,
+    shard_batch,
+    under_mesh,
+)
 from xformers_zoo.train.steps import TrainState, compile_steps, init_state
 from xformers_zoo.train.warm_start import warm_start
 from xformers_zoo.variants import VARIANTS
@@ -146,12 +153,14 @@ class _Setup:
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
-        self.mesh = data_mesh()
+        max_length = effective_length(config.data)
+        model_config = sequence_parallel_model(config.model, config.train.sequence_parallel,
+                                               max_length)
+        self.mesh = data_mesh(sequence_parallel=config.train.sequence_parallel)
         self.local_batch = local_batch_size(config.train.batch_size, self.mesh,
                                             config.train.grad_accum)
-        model = build_model(config.model, config.data.task,
-                            max_length=effective_length(config.data), seed=config.train.seed,
-                            objective=config.train.objective)
+        model = build_model(model_config, config.data.task, max_length=max_length,
+                            seed=config.train.seed, objective=config.train.objective)
         self.num_params = count_params(model)
         self.schedule = make_schedule(config.train)
         tx = make_optimizer(config.train, self.schedule)
@@ -160,8 +169,10 @@ class _Setup:
         objective = make_objective(config.train.objective, TASKS.get(config.data.task),
                                    mask_rate=config.train.mask_rate,
                                    mask_span=config.train.mask_span)
-        self.train_step, self.eval_step = compile_steps(self.graphdef, tx, self.schedule,
-                                                        config.train.grad_accum, objective)
+        train_step, eval_step = compile_steps(self.graphdef, tx, self.schedule,
+                                              config.train.grad_accum, objective)
+        self.train_step = under_mesh(train_step, self.mesh)
+        self.eval_step = under_mesh(eval_step, self.mesh)
         self.variant = VARIANTS.get(config.model.variant)
         self.refresh_every = self.variant.refresh_interval(config.model.attention)
 
@@ -293,7 +304,8 @@ def _finish(setup: _Setup, checkpoints: RunCheckpoints, state, config: Experimen
         "best_step": best["step"], "best_val_accuracy": best["accuracy"],
         "steps_per_sec": float(np.median(rates)) if rates else None,
         "peak_memory_bytes": _peak_memory(), "params": setup.num_params,
-        "devices": setup.mesh.devices.size, "processes": jax.process_count(),
+        "devices": setup.mesh.devices.size, "mesh": dict(setup.mesh.shape),
+        "processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }
