@@ -89,11 +89,18 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` traced and run with ``mesh`` in context (``jax.set_mesh``): a jitted function's
-    body sees the mesh only so, not from the shardings of its arguments."""
+    body sees the mesh only so, not from the shardings of its arguments. ``.lower`` (ahead of
+    time) works as on the jitted function."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
+
+    def lower(*args, **kwargs):  # ahead-of-time compilation (step timing) sees the mesh too
+        with jax.set_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    call.lower = lower
     return call
 
 
