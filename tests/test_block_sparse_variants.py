@@ -15,7 +15,7 @@ from test_pallas_attention import reference as float64_reference
 
 import xformers_zoo as xz
 from xformers_zoo.configs import resolve_config
-from xformers_zoo.kernels import AttentionCall, choose_implementation, masks, pallas_attention
+from xformers_zoo.kernels import AttentionCall, choose_implementation, masks, pallas_layout
 from xformers_zoo.kernels.pallas_attention import INTERPRET_ENV
 from xformers_zoo.models.block_sparse import (
     BigBirdConfig,
@@ -236,7 +236,7 @@ def test_unaligned_patterns_run_on_kernels(name, config, length, monkeypatch):
     config = dataclasses.replace(config, implementation=("pallas",))
     core = build(name, config, max_length=length)
     q, k, v, key_mask = qkv_and_mask(length, real=(length, 61), seed=5)
-    monkeypatch.setattr(pallas_attention, "default_tiles", lambda *args, **kwargs: SMALL_TILES)
+    monkeypatch.setattr(pallas_layout, "default_tiles", lambda *args, **kwargs: SMALL_TILES)
     d_out = np.asarray(jax.random.normal(jax.random.key(6), q.shape))
     out, vjp = jax.vjp(lambda q, k, v: core(q, k, v, key_mask, deterministic=True), q, k, v)
     want_out, want_grads = float64_reference(q, k, v, d_out, key_mask=key_mask,

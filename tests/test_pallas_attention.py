@@ -15,14 +15,9 @@ import pytest
 from xformers_zoo.kernels import dot_product_attention, masks
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall, choose_implementation
-from xformers_zoo.kernels.pallas_attention import (
-    INTERPRET_ENV,
-    FlashTiles,
-    PassTiles,
-    default_tiles,
-    pallas_attention,
-)
+from xformers_zoo.kernels.pallas_attention import INTERPRET_ENV, pallas_attention
 from xformers_zoo.kernels.pallas_dropout import keep_mask
+from xformers_zoo.kernels.pallas_layout import FlashTiles, PassTiles, default_tiles
 
 SMALL_TILES = FlashTiles(PassTiles(32, 16), PassTiles(16, 32), PassTiles(32, 16))
 

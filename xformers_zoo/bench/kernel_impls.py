@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from xformers_zoo.kernels.cudnn import cudnn_attention
-from xformers_zoo.kernels.pallas_attention import FlashTiles, PassTiles, pallas_attention
+from xformers_zoo.kernels.pallas_attention import pallas_attention
+from xformers_zoo.kernels.pallas_layout import FlashTiles, PassTiles
 from xformers_zoo.kernels.xla import xla_attention
 
 # The dense reference materialises float32 logits and probabilities (and their gradients).
