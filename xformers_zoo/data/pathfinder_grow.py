@@ -133,16 +133,11 @@ class Scene:
         return canvas
 
 
-_TURN_TABLES: dict[tuple[bytes, float], np.ndarray] = {}
-
-
-def turn_table(head_angles: Float[np.ndarray, " c"], continuity: float
-               ) -> Float[np.ndarray, "n c"]:
-    """``kernels.turn_weights`` of one resolution, computed once per process."""
-    key = (head_angles.tobytes(), continuity)
-    if key not in _TURN_TABLES:
-        _TURN_TABLES[key] = kernels.turn_weights(head_angles, continuity)
-    return _TURN_TABLES[key]
+@functools.lru_cache(maxsize=16)
+def turn_table(radius: int, continuity: float) -> Float[np.ndarray, "n c"]:
+    """``kernels.turn_weights`` for the candidate heads on a circle of ``radius``
+    (``length + margin``), computed once per process."""
+    return kernels.turn_weights(candidate_heads(radius)[1], continuity)
 
 
 def grow(p: PathfinderParams, rng: np.random.Generator) -> Scene:
@@ -162,12 +157,12 @@ def grow_with_masks(p: PathfinderParams, rng: np.random.Generator
     paddles = np.zeros((total, 4), np.int64)
     state = np.zeros((2 + p.num_distractors, 5), np.int64)
     angles = np.zeros(2 + p.num_distractors)
+    turns = turn_table(p.paddle_length + margin, p.continuity)
     count, drawn = kernels.grow(
         rng, mask, dilated, backup, free, paddles, state, angles, t.masks, t.wides, t.heads,
-        t.head_angles, turn_table(t.head_angles, p.continuity), t.seed_offsets, t.seed_counts,
-        t.reach, p.padding, p.seed_distance, p.paddle_length, margin, p.contour_length,
-        p.num_distractors, p.distractor_length, p.paddle_retries, p.distractor_retries,
-        MAX_ATTEMPTS)
+        t.head_angles, turns, t.seed_offsets, t.seed_counts, t.reach, p.padding,
+        p.seed_distance, p.paddle_length, margin, p.contour_length, p.num_distractors,
+        p.distractor_length, p.paddle_retries, p.distractor_retries, MAX_ATTEMPTS)
     if count < 0:
         raise GrowthError(f"two {p.contour_length}-paddle target contours did not fit a "
                           f"{p.size}px image in {MAX_ATTEMPTS} attempts")
