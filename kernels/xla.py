@@ -59,39 +59,6 @@ def attention_mask(
     return mask
 
 
-def softmax_attend(
-    logits: Float[Array, "*batch q k"],
-    values: Float[Array, "*batch k d"],
-    visible: Bool[Array, "*batch q k"] | None,
-    *,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-) -> tuple[Float[Array, "*batch q d"], Float[Array, "*batch q"]]:
-    """Masked softmax attention over the last axis of ``logits`` (any leading batch axes).
-
-    Args:
-      logits: attention scores; computed in float32 here whatever their dtype.
-      values: one value vector per key.
-      visible: which keys each query may see (broadcast against ``logits``); None: all.
-      dropout_rate: dropout on the normalised weights (needs ``dropout_rng`` when > 0).
-
-    Returns:
-      The attention output (float32; zeros for a query that sees no key) and the log of its
-      softmax normaliser, which callers combine across several partial attentions.
-    """
-    logits = logits.astype(jnp.float32)
-    if visible is not None:
-        logits = jnp.where(visible, logits, MASKED)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    weights = jnp.exp(logits - lse[..., None])
-    if visible is not None:
-        weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
-    weights = attention_dropout(weights, dropout_rate, dropout_rng)
-    out = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values,
-                     preferred_element_type=jnp.float32)
-    return out, lse
-
-
 def _masked_logits(
     q: Float[Array, "b q h d"], k: Float[Array, "b k h d"], *, key_mask=None, block_mask=None,
     scale=None, causal=False, mask_predicate=None,
@@ -122,11 +89,16 @@ def xla_attention_with_lse(
     key_mask, block_mask, scale, causal and mask_predicate options of ``xla_attention``."""
     del key_mask_is_prefix
     logits, mask = _masked_logits(q, k, **masks)
-    out, lse = softmax_attend(logits, jnp.swapaxes(v, 1, 2), mask, dropout_rate=dropout_rate,
-                              dropout_rng=dropout_rng)  # [b h q d], [b h q]
+    weights = jax.nn.softmax(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
     if mask is not None:
-        lse = jnp.where(mask.any(-1), lse, -jnp.inf)
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype), lse
+        seen = mask.any(-1)
+        weights = jnp.where(seen[..., None], weights, 0.0)
+        lse = jnp.where(seen, lse, -jnp.inf)
+    weights = attention_dropout(weights, dropout_rate, dropout_rng)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), lse
 
 
 def xla_backward_from_lse(

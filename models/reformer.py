@@ -22,8 +22,7 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from xformers_zoo.kernels.xla import softmax_attend
-from xformers_zoo.models.masked_softmax import dropout_key, pad_to_multiple
+from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
 from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -152,7 +151,7 @@ class ReformerAttention(nnx.Module):
         scores = scores - jnp.log(self._visible_rounds(rank, q_pos, k_pos, m, n_chunks))
 
         rate = 0.0 if deterministic else self.dropout
-        out, lse = softmax_attend(scores, v_vec, k_mask[..., None, :], dropout_rate=rate,
+        out, lse = attend(scores, v_vec, k_mask[..., None, :], dropout_rate=rate,
                           dropout_rng=dropout_key(rngs, rate, deterministic))
         # Back to position order: [b, h, r, lp, d] and [b, h, r, lp].
         out = jnp.take_along_axis(out.reshape(b, h, -1, lp, d), rank[..., None], axis=3)

@@ -26,8 +26,8 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.kernels.xla import MASKED, softmax_attend
-from xformers_zoo.models.masked_softmax import dropout_key, pad_to_multiple
+from xformers_zoo.kernels.xla import MASKED
+from xformers_zoo.models.masked_softmax import attend, dropout_key, pad_to_multiple
 from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -144,7 +144,7 @@ class SinkhornAttention(nnx.Module):
                                       (sorted_k, sorted_v, sorted_mask)):
             scores = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, keys.astype(qb.dtype),
                                 preferred_element_type=jnp.float32) * scale
-            out, _ = softmax_attend(scores, values.astype(v.dtype), visible[..., None, :],
+            out, _ = attend(scores, values.astype(v.dtype), visible[..., None, :],
                             dropout_rate=rate, dropout_rng=dropout_key(rngs, rate, deterministic))
             outs.append(out)
         out = rearrange(outs[0] + outs[1], "b h n s d -> b (n s) h d")

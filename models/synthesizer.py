@@ -28,8 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from xformers_zoo.kernels.xla import softmax_attend
-from xformers_zoo.models.masked_softmax import dropout_key
+from xformers_zoo.models.masked_softmax import attend, dropout_key
 from xformers_zoo.overrides import ConfigError
 from xformers_zoo.variants import Capabilities, register_variant
 
@@ -79,7 +78,7 @@ def synthesized_attention(logits: Float[Array, "*b h l l"], v: Float[Array, "b l
                           rngs) -> Float[Array, "b l h d"]:
     """Softmax over synthesized logits with padded keys masked, applied to the values."""
     rate = 0.0 if deterministic else dropout
-    out, _ = softmax_attend(logits, jnp.swapaxes(v, 1, 2), key_mask[:, None, None, :],
+    out, _ = attend(logits, jnp.swapaxes(v, 1, 2), key_mask[:, None, None, :],
                     dropout_rate=rate, dropout_rng=dropout_key(rngs, rate, deterministic))
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)  # [b, h, l, d] -> [b, l, h, d]
 
