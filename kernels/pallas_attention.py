@@ -10,12 +10,14 @@ Rows much longer than the typical one (global tokens) are split over several pro
 (kernels/pallas_split.py). Attention dropout is applied inside the kernels from a counter-based
 hash, so no mask is stored (kernels/pallas_dropout.py).
 
-On a CUDA GPU the kernels lower through Pallas' Triton backend; on Hopper GPUs, dense
-non-causal calls without dropout run instead the Mosaic GPU kernels (FlashAttention-3 structure:
-``pallas_mosaic_forward``, ``pallas_mosaic_backward``; kernels/NOTES.md has the measurements
-behind both choices). The Mosaic kernels also apply dropout, with the Triton kernels' decisions,
-but only when asked for by name (``kernels="mosaic"``): that path is written and lowered on CPU,
-not yet run on a GPU (``MOSAIC_DROPOUT_BY_DEFAULT``). Elsewhere the Triton-family kernels can
+On a CUDA GPU the kernels lower through Pallas' Triton backend; on Hopper GPUs, the Mosaic GPU
+kernels run instead (FlashAttention-3 structure: ``pallas_mosaic_forward``,
+``pallas_mosaic_backward``; kernels/NOTES.md has the measurements behind both choices) for every
+call whose features a GPU run has validated (``MOSAIC_VALIDATED``: dense, right padding). They
+also serve dropout (the Triton kernels' decisions), causal masking, block masks, mask
+predicates and key masks of any form (kernels/pallas_mosaic_mask.py), but those paths are
+written and lowered on CPU, not yet run on a GPU, so they run only when asked for by name
+(``kernels="mosaic"``) until their GPU tests pass. Elsewhere the Triton-family kernels can
 run in Pallas interpret mode, which executes the same kernel bodies with ordinary XLA operations:
 pass ``interpret=True``, or set ``XFORMERS_ZOO_PALLAS_INTERPRET=1`` so that
 ``dot_product_attention(..., implementation=("pallas", ...))`` accepts CPU calls (slow; for tests
@@ -44,17 +46,14 @@ from xformers_zoo.kernels.pallas_forward import flash_forward
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 from xformers_zoo.kernels.pallas_layout import (
     FlashTiles,
+    MosaicLaunch,
     input_rejects,
     prepare,
     tile_part,
     with_defaults,
 )
-from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
-from xformers_zoo.kernels.pallas_mosaic_forward import (
-    MosaicPlan,
-    mosaic_forward,
-    mosaic_rejects,
-)
+from xformers_zoo.kernels.pallas_mosaic_backward import mosaic_backward
+from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_forward, mosaic_rejects
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
     TileSchedule,
@@ -63,9 +62,10 @@ from xformers_zoo.kernels.pallas_schedule import (
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
 KernelFamily = Literal["mosaic", "triton"]
 KERNEL_FAMILIES: tuple[str, ...] = get_args(KernelFamily)
-# Whether calls with dropout choose the Mosaic kernels on Hopper without being asked. False
-# until their GPU tests (tests/test_pallas_mosaic*.py, dropout cases) have passed on a GPU.
-MOSAIC_DROPOUT_BY_DEFAULT = False
+# Features of a call (``pallas_mosaic_mask.mosaic_features``) with which the Mosaic kernels run
+# on Hopper without being asked for: those whose GPU tests (tests/test_pallas_mosaic*.py) have
+# passed on a GPU.
+MOSAIC_VALIDATED = frozenset({"right padding"})
 
 
 def interpret_requested() -> bool:
@@ -127,14 +127,12 @@ def pallas_attention(
     ``interpret`` None means interpret mode exactly when the default backend is not a GPU;
     ``tiles`` overrides ``default_tiles`` (benchmarks). ``key_mask_is_prefix`` promises right
     padding (the Mosaic kernels then take sequence lengths). ``kernels`` picks the kernel
-    family: "mosaic" (Hopper wgmma kernels, dense non-causal calls; raises naming the reason
-    for a call they cannot serve), "triton", or None: Mosaic where it serves the call on a
-    Hopper GPU, else Triton. Calls with dropout take the Triton kernels unless
-    ``kernels="mosaic"``: the Mosaic dropout path applies the same decisions but is written
-    and lowered on CPU, not yet run on a GPU.
+    family: "mosaic" (Hopper wgmma kernels; raises naming the reason for a call they cannot
+    serve), "triton", or None: Mosaic on a Hopper GPU where it serves the call with features a
+    GPU run has validated (``MOSAIC_VALIDATED``), else Triton.
     ``mask_predicate`` (a ``MaskPredicate`` or a bare ``fn(b, h, q, k)``) says which pairs are
     visible, token by token; its tiles are classified on the host and only the partial ones
-    evaluate it in the kernels (Triton family only). It replaces ``block_mask``.
+    evaluate it in the kernels. It replaces ``block_mask``.
     ``batch_offset``: the index of this batch's first row in a larger batch that was split
     (kernels/batch_shards.py), so that its dropout decisions are those of the whole batch's.
     """
@@ -179,19 +177,16 @@ def pallas_backward_from_lse(
 
 
 def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_dim: int, *,
-                causal: bool, block_mask, predicate, key_mask, key_mask_is_prefix: bool,
-                dropout_rate: float) -> bool:
+                tiles, features: frozenset[str]) -> bool:
     """Whether the Mosaic kernels run this call (else the Triton kernels). Asked for by name,
-    they must serve the call or the reason is raised."""
+    they must serve the call or the reason is raised; by default they run it when a GPU run has
+    validated each of its ``features``."""
     if kernels not in (None, *KERNEL_FAMILIES):
         raise ValueError(f"pallas attention: kernels must be one of {KERNEL_FAMILIES} or None, "
                          f"got {kernels!r}")
     if kernels == "triton":
         return False
-    reason = mosaic_rejects(dtype, head_dim, causal=causal, has_block_mask=block_mask is not None,
-                            has_predicate=predicate is not None,
-                            has_key_mask=key_mask is not None,
-                            key_mask_is_prefix=key_mask_is_prefix)
+    reason = mosaic_rejects(dtype, head_dim, tiles)
     if reason is None and interpret:
         reason = "it has no interpret mode (Hopper GPUs only)"
     if reason is None:
@@ -203,16 +198,17 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
             raise ValueError(f"pallas attention: the Mosaic kernels cannot serve this call: "
                              f"{reason}")
         return False
-    # Mosaic dropout runs only when asked for by name until a GPU run has validated it.
-    return kernels == "mosaic" or dropout_rate == 0.0 or MOSAIC_DROPOUT_BY_DEFAULT
+    return kernels == "mosaic" or features <= MOSAIC_VALIDATED
 
 
 def _forward(kernels, q, k, v, bias, streams, lengths):
     """Output and base-2 log-sum-exp from the forward kernel of ``kernels`` (plans,
-    schedules, Mosaic plan or None)."""
+    schedules, Mosaic launch or None)."""
     (fwd_plan, _, _), schedules, mosaic = kernels
     if mosaic is not None:
-        return mosaic_forward(q, k, v, lengths, mosaic, streams)
+        return mosaic_forward(q, k, v, lengths, mosaic.forward, streams,
+                              bias if mosaic.forward.mask.has_bias else None,
+                              mosaic.forward_schedule)
     return flash_forward(q, k, v, bias, streams, schedules[0], fwd_plan)
 
 
@@ -220,16 +216,17 @@ def _backward(kernels, q, k, v, bias, streams, lengths, out, lse, d_out):
     """dq, dk, dv from the backward kernels of ``kernels`` given the output and base-2 LSE."""
     (_, kv_plan, q_plan), schedules, mosaic = kernels
     if mosaic is not None:
-        plan = MosaicBackwardPlan(scale=mosaic.scale, has_lengths=mosaic.has_lengths,
-                                  dropout_rate=mosaic.dropout_rate)
-        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan, streams)
+        plan = mosaic.backward
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, plan, streams,
+                                     bias if plan.mask.has_bias else None,
+                                     mosaic.backward_schedule)
         return dq.astype(q.dtype), dk, dv
     return flash_backward(q, k, v, out, lse, d_out, bias, streams, schedules[1:],
                           (kv_plan, q_plan))
 
 
 def _flash(plans: tuple[KernelPlan, ...], schedules: tuple[TileSchedule | None, ...],
-           mosaic: MosaicPlan | None):
+           mosaic: MosaicLaunch | None):
     """The differentiable kernel trio for one call's plans (forward, key/value gradients, query
     gradients); schedules enter as trace-time constants, dropout streams and key lengths (the
     Mosaic kernels' key mask) as inputs. With ``mosaic``, the Mosaic kernels run both passes

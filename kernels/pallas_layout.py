@@ -16,12 +16,19 @@ from jaxtyping import Array, Float
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate, tile_classes
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
+from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan
 from xformers_zoo.kernels.pallas_mosaic_forward import (
     BLOCK_K,
     BLOCK_Q,
     HEAD_DIMS,
     QUERY_TILES_PER_PROGRAM,
     MosaicPlan,
+)
+from xformers_zoo.kernels.pallas_mosaic_mask import (
+    MosaicMask,
+    MosaicSchedule,
+    mosaic_features,
+    mosaic_schedule,
 )
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
@@ -141,6 +148,45 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MosaicLaunch:
+    """The Mosaic kernels' plans for one call and, for causal, block-sparse and predicate
+    masks, their schedules (key tiles per query tile pair; query tiles per key block)."""
+
+    forward: MosaicPlan
+    backward: MosaicBackwardPlan
+    forward_schedule: MosaicSchedule | None = None
+    backward_schedule: MosaicSchedule | None = None
+
+
+def _mosaic_launch(pattern, *, scale: float, causal: bool, key_mask, key_mask_is_prefix: bool,
+                   has_bias: bool, dropout_rate: float, batch: int, heads: int,
+                   token_lengths: tuple[int, int], q_pad: int, k_pad: int) -> MosaicLaunch:
+    """Plans and schedules of the Mosaic kernels: dense calls mask right padding by sequence
+    lengths, every other key mask goes in as a bias; causal, block and predicate masks walk
+    schedules."""
+    q_len, k_len = token_lengths
+    sparse = pattern is not None or causal
+    lengths = has_bias and not sparse and (key_mask is None or key_mask_is_prefix)
+    mask = MosaicMask(has_lengths=lengths, has_bias=has_bias and not lengths,
+                      causal_offset=(k_len - q_len) if causal else None,
+                      predicate=pattern if isinstance(pattern, MaskPredicate) else None,
+                      token_lengths=token_lengths)
+    forward = MosaicPlan(scale=scale, mask=mask, dropout_rate=dropout_rate)
+    backward = MosaicBackwardPlan(scale=scale, mask=mask, dropout_rate=dropout_rate)
+    if not sparse:
+        return MosaicLaunch(forward, backward)
+    schedules = []
+    for block_q, block_k, by_key in ((forward.rows_per_program, forward.block_k, False),
+                                     (backward.block_q, backward.keys_per_program, True)):
+        schedules.append(mosaic_schedule(pattern, mask.causal_offset, batch, heads,
+                                         token_lengths, block_q, block_k, q_pad // block_q,
+                                         k_pad // block_k, by_key))
+    return MosaicLaunch(
+        dataclasses.replace(forward, mask=mask.with_schedule(schedules[0])),
+        dataclasses.replace(backward, mask=mask.with_schedule(schedules[1])), *schedules)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedCall:
     """One call laid out for the kernels: ``kernels`` (plans, schedules: static), ``inputs``
@@ -167,8 +213,8 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
              batch_offset=0) -> PreparedCall:
     """Checks a call and lays it out for the kernels (``pallas_attention`` documents the
     options): tile plans and host schedules, inputs padded to whole tiles, the key bias.
-    ``choose_mosaic(kernels, interpret, dtype, head_dim, **facts)`` says whether the Mosaic
-    kernels run it (their tiles set the padding)."""
+    ``choose_mosaic(kernels, interpret, dtype, head_dim, tiles=, features=)`` says whether the
+    Mosaic kernels run it (their tiles set the padding)."""
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"pallas attention: dropout_rate must be in [0, 1), got {dropout_rate}")
     if dropout_rate > 0.0 and dropout_rng is None:
@@ -194,9 +240,11 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
     pattern = block_mask if predicate is None else predicate
     tiles = tiles or default_tiles(kernel_dim, q.dtype, sparse=pattern is not None)
     passes = [_fit_to_mask(t, tile_part(block_mask, predicate)) for t in tiles.passes()]
-    use_mosaic = choose_mosaic(kernels, interpret, str(q.dtype), kernel_dim, causal=causal,
-                               block_mask=block_mask, predicate=predicate, key_mask=key_mask,
-                               key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate)
+    features = mosaic_features(causal=causal, block_mask=block_mask, predicate=predicate,
+                               key_mask=key_mask, key_mask_is_prefix=key_mask_is_prefix,
+                               dropout_rate=dropout_rate, padded=k_len % BLOCK_K != 0)
+    use_mosaic = choose_mosaic(kernels, interpret, str(q.dtype), kernel_dim,
+                               tiles=tile_part(block_mask, predicate), features=features)
     if use_mosaic:  # its tiles set the padding of q and k/v too
         passes[0] = dataclasses.replace(passes[0], block_q=QUERY_TILES_PER_PROGRAM * BLOCK_Q,
                                         block_k=BLOCK_K)
@@ -204,9 +252,12 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
     k_pad = _round_up(k_len, max(t.block_k for t in passes))
 
     has_bias = key_mask is not None or k_pad != k_len
-    # Padded keys are masked by sequence lengths in the Mosaic kernels.
-    mosaic = (MosaicPlan(scale=scale, has_lengths=has_bias, dropout_rate=float(dropout_rate))
-              if use_mosaic else None)
+    mosaic = None
+    if use_mosaic:
+        mosaic = _mosaic_launch(pattern, scale=scale, causal=causal, key_mask=key_mask,
+                                key_mask_is_prefix=key_mask_is_prefix, has_bias=has_bias,
+                                dropout_rate=float(dropout_rate), batch=batch, heads=heads,
+                                token_lengths=(q_len, k_len), q_pad=q_pad, k_pad=k_pad)
     bias = None
     if has_bias:
         valid = jnp.ones((batch, k_len), bool) if key_mask is None else key_mask
@@ -223,7 +274,7 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
     for tile, by_key in zip(passes, (False, True, False), strict=True):
         plan = _plan(tile, q_pad, k_pad, 1, **facts)
         schedule = None
-        if pattern is not None:
+        if pattern is not None and mosaic is None:  # the Mosaic kernels walk their own
             schedule = _schedule(pattern, plan, by_key, tile.max_steps, batch, heads)
             plan = dataclasses.replace(
                 plan, max_count=schedule.max_count, programs=schedule.programs,
@@ -239,7 +290,7 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
     pad_q = ((0, 0), (0, q_pad - q_len), (0, 0), (0, kernel_dim - head_dim))
     pad_k = ((0, 0), (0, k_pad - k_len), (0, 0), (0, kernel_dim - head_dim))
     lengths = None
-    if mosaic is not None and mosaic.has_lengths:
+    if mosaic is not None and mosaic.forward.has_lengths:
         lengths = (jnp.full((batch,), k_len, jnp.int32) if key_mask is None
                    else key_mask.sum(-1).astype(jnp.int32))
     # Zero head-dim columns change no logit q . k and give zero output columns, so attention

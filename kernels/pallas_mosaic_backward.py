@@ -35,10 +35,14 @@ Residual conventions are those of ``pallas_backward.flash_backward``: q, k, v, d
 ``mosaic_forward`` returns); delta = rowsum(dO * O) is computed here in XLA. dQ is returned in
 float32; the caller casts it.
 
-Serves what the Mosaic forward serves: bf16/fp16, head_dim 16, 32, 64 or 128, non-causal, no block
-mask, keys masked (if at all) by per-sequence lengths; sequence lengths multiples of the tiles (the
-caller pads: padded queries have dO = 0 rows, which contribute nothing). Programs whose keys all lie
-past their sequence's length skip the sweep and write zero gradients.
+Serves what the Mosaic forward serves: bf16/fp16, head_dim 16, 32, 64 or 128, and its masks
+(``MosaicBackwardPlan.mask``, kernels/pallas_mosaic_mask.py); sequence lengths multiples of the
+tiles (the caller pads: padded queries have dO = 0 rows, which contribute nothing). Programs whose
+keys all lie past their sequence's length skip the sweep and write zero gradients. A key bias is
+read once per consumer, for its own keys (the rows of its tiles). Causal, block-sparse and
+predicate masks walk a schedule of the query tiles each key block sees, fully visible ones first
+(the stagger rotates those only); the element mask is evaluated on the partial ones, and only
+visited query tiles receive a dQ reduce-add.
 
 Attention dropout (``MosaicBackwardPlan.dropout_rate``, keep mask Z, kept weights scaled by
 ``1 / (1 - rate)``) follows ``pallas_backward``: dV takes the dropped probabilities
@@ -55,6 +59,7 @@ There is no interpret mode (see ``pallas_mosaic_forward``); it is tested on the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +73,16 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
     HEAD_DIMS,
     MOSAIC_DTYPES,
     check_launch,
+    check_mask_inputs,
     fixed_words,
     load_vector,
     swizzled,
+)
+from xformers_zoo.kernels.pallas_mosaic_mask import (
+    MosaicMask,
+    MosaicSchedule,
+    ScheduleRow,
+    element_visible,
 )
 
 # Consumer warpgroups per program, each owning one key tile (the producer is one more).
@@ -82,7 +94,7 @@ class MosaicBackwardPlan:
     """Static facts of one Mosaic GPU backward launch."""
 
     scale: float
-    has_lengths: bool = False
+    mask: MosaicMask = MosaicMask()
     block_q: int = 64  # query rows per streamed tile (N and K of the key-side products)
     block_k: int = 64  # keys per consumer warpgroup (one wgmma M tile)
     stages: int = 2  # query-tile slots in shared memory
@@ -102,9 +114,14 @@ class MosaicBackwardPlan:
         """Keys one program covers (the caller pads k to a multiple of this)."""
         return KEY_TILES_PER_PROGRAM * self.block_k
 
+    @property
+    def has_lengths(self) -> bool:
+        """Whether keys are masked by per-sequence lengths (right padding)."""
+        return self.mask.has_lengths
 
-def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column_words_ref,
-            dq_ref, dk_ref, dv_ref, scratch, *, plan: MosaicBackwardPlan, q_tiles: int):
+
+def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, extra: dict, dq_ref, dk_ref,
+            dv_ref, scratch, *, plan: MosaicBackwardPlan, q_tiles: int, k_programs: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ((k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem),
@@ -116,17 +133,32 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
     dtype = k_smem.dtype
     head_dim = k_smem.shape[-1]
     program_key0 = block * plan.keys_per_program
-    if plan.has_lengths:
-        length = lengths_ref[batch]
-        # No key of this program is real: skip the sweep (zero dK, dV and no dQ part).
-        steps = lax.select(program_key0 < length, jnp.int32(q_tiles), jnp.int32(0))
-    else:
-        steps = q_tiles
-    # Query tile visited at step i (see MosaicBackwardPlan.stagger).
-    first = lax.rem(block, q_tiles) if plan.stagger else 0
+    mask = plan.mask
+    column_words_ref = extra.get("column_words")
+    if mask.sparse:  # the listed query tiles, fully visible ones first
+        row = ScheduleRow(mask, extra["tables"], head, block, k_programs)
+        full_steps, steps = row.full, row.total
+        # The stagger (see MosaicBackwardPlan.stagger) rotates the fully visible tiles.
+        first = lax.rem(block, jnp.maximum(full_steps, 1)) if plan.stagger else 0
 
-    def tile_at(i):
-        return lax.rem(i + first, q_tiles) if plan.stagger else i
+        def tile_at(i):
+            if not plan.stagger:
+                return row.tile(i)
+            rotated = lax.rem(i + first, jnp.maximum(full_steps, 1))
+            return row.tile(jnp.where(i < full_steps, rotated, i))
+    else:
+        if mask.has_lengths:
+            length = extra["lengths"][batch]
+            # No key of this program is real: skip the sweep (zero dK, dV and no dQ part).
+            steps = lax.select(program_key0 < length, jnp.int32(q_tiles), jnp.int32(0))
+        else:
+            steps = q_tiles
+        full_steps = steps
+        # Query tile visited at step i (see MosaicBackwardPlan.stagger).
+        first = lax.rem(block, q_tiles) if plan.stagger else 0
+
+        def tile_at(i):
+            return lax.rem(i + first, q_tiles) if plan.stagger else i
 
     @pl.when(wg < KEY_TILES_PER_PROGRAM)
     def _consumer():
@@ -149,6 +181,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
         if plan.dropout_rate:  # keys are the rows of the transposed tiles
             key_words = fixed_words(column_words_ref, batch, head, key0, block_k,
                                     plgpu.Layout.WGMMA.reduce(1))
+        if mask.has_bias:  # likewise the keys' bias, read once
+            key_bias = load_vector(extra["bias"].at[batch, pl.ds(key0, block_k)],
+                                   plgpu.Layout.WGMMA.reduce(1), optimized=False)
 
         def send_dq(i, dq):
             # The last reduce-add must have finished reading the staging tile (a second staging
@@ -159,13 +194,24 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
             rows = (batch, pl.ds(tile_at(i) * block_q, block_q), head, pl.ds(0, head_dim))
             plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
 
-        def probabilities(s_t, slot):
+        def probabilities(s_t, slot, i, partial: bool):
             plgpu.barrier_wait(lse_ready.at[slot])
             lse = load_vector(lse_smem.at[slot], column)
-            p_t = jnp.exp2(s_t * log2_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            if plan.has_lengths:  # keys (rows) at or past the length are padding
+            t = s_t * log2_scale
+            if mask.has_bias:  # -inf on masked keys (rows) gives them zero probability
+                t = t + lax.broadcast_in_dim(key_bias, t.shape, [0])
+            p_t = jnp.exp2(t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            if mask.has_lengths:  # keys (rows) at or past the length are padding
                 rows = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=wgmma_layout)
                 p_t = jnp.where(rows < length - key0, p_t, 0.0)
+            if partial:  # the element mask, queries along the columns
+                k_pos = key0 + plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0,
+                                                      layout=wgmma_layout)
+                q_pos = tile_at(i) * block_q + plgpu.broadcasted_iota(
+                    jnp.int32, s_t.shape, 1, layout=wgmma_layout)
+                visible = element_visible(mask, batch, head, q_pos, k_pos, row.flag(i))
+                if visible is not None:
+                    p_t = jnp.where(visible, p_t, 0.0)
             return p_t
 
         def score_grads(p_t, dp_t, slot):
@@ -203,7 +249,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
             plgpu.commit_smem()
             pl.when(wg != buf)(lambda: plgpu.barrier_arrive(ds_stored.at[buf]))
 
-        def step(i, carry):
+        def step(i, carry, *, partial: bool):
             """With ``overlap``: S^T and dP^T are issued together and P^T computed under dP^T;
             dV is issued as soon as P^T exists and runs under dS^T; dK runs while dS^T is
             exchanged, dQ after it. Without: each group is awaited before the next."""
@@ -220,7 +266,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
                     plgpu.wgmma(s_acc, k_tile, q_tile.transpose((1, 0)))
                     plgpu.wgmma(dp_acc, v_tile, do_tile.transpose((1, 0)))
                     s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=pending)
-                    p_t = probabilities(s_t, slot)
+                    p_t = probabilities(s_t, slot, i, partial)
                     keep = dropout_decisions(slot) if plan.dropout_rate else None
                     plgpu.wgmma(dv_acc, dropped(p_t, keep).astype(dtype), do_tile)
                     dp_t = plgpu.wgmma_accumulator_load(dp_acc, wait_n=pending)
@@ -248,7 +294,12 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, column
                 send_dq(i, dq)
             return dk, dv
 
-        dk, dv = lax.fori_loop(0, steps, step, (zeros_kd, zeros_kd))
+        carry = lax.fori_loop(0, full_steps, functools.partial(step, partial=False),
+                              (zeros_kd, zeros_kd))
+        if mask.sparse:  # the schedule's partial tiles
+            carry = lax.fori_loop(full_steps, steps, functools.partial(step, partial=True),
+                                  carry)
+        dk, dv = carry
         v_tile[...] = dv.astype(dtype)  # V is read by this consumer only: stage dV there
         # K is read by both consumers' dQ products: stage dK there once both are done.
         plgpu.barrier_arrive(keys_done)
@@ -305,12 +356,16 @@ def mosaic_backward(
     lengths: Int[Array, " b"] | None,
     plan: MosaicBackwardPlan,
     streams: Int[Array, " bh"] | None = None,
+    bias: Float[Array, "b nk"] | None = None,
+    schedule: MosaicSchedule | None = None,
 ) -> tuple[Float[Array, "b nq h d"], Float[Array, "b nk h d"], Float[Array, "b nk h d"]]:
-    """Gradients (dq float32, dk and dv in the input dtype) of dense non-causal softmax attention;
-    ``nq`` a multiple of ``plan.block_q`` and ``nk`` of ``plan.keys_per_program``; ``lengths``
-    (int32, one per sequence, exactly when ``plan.has_lengths``) counts each sequence's real
-    keys; ``streams`` (exactly when ``plan.dropout_rate`` > 0) are the forward's dropout
-    streams."""
+    """Gradients (dq float32, dk and dv in the input dtype) of softmax attention; ``nq`` a
+    multiple of ``plan.block_q`` and ``nk`` of ``plan.keys_per_program``. Exactly what
+    ``plan.mask`` and ``plan.dropout_rate`` ask for is passed: ``lengths`` (int32, one per
+    sequence) counts each sequence's real keys; ``bias`` (float32, 0 or -inf per key) masks keys
+    of any pattern; ``schedule`` (``pallas_mosaic_mask.mosaic_schedule`` by key, over
+    ``block_q`` x ``keys_per_program`` tiles) lists the query tiles of each key block;
+    ``streams`` are the forward's dropout streams."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, q_len, heads, head_dim = q.shape
@@ -321,6 +376,8 @@ def mosaic_backward(
     check_launch("mosaic backward", q_len, plan.block_q, k_len, plan.keys_per_program,
                  plan.has_lengths, lengths, plan.dropout_rate, streams)
     q_tiles = q_len // plan.block_q
+    k_programs = k_len // plan.keys_per_program
+    check_mask_inputs("mosaic backward", plan.mask, bias, schedule, k_programs)
     plan = dataclasses.replace(plan, stages=min(plan.stages, q_tiles))
     # delta = rowsum(dO * O): one fused XLA reduction (a product and sum, not a dot, which XLA
     # would hand to its GEMM emitters), [b, h, nq] float32.
@@ -333,9 +390,14 @@ def mosaic_backward(
     dtype = q.dtype
     tile = swizzled(head_dim, dtype)  # 128-byte swizzle for D >= 64
 
+    args = {"lengths": None if lengths is None else lengths.astype(jnp.int32),
+            "bias": None if bias is None else bias.astype(jnp.float32),
+            "tables": None if schedule is None else schedule.tables(),
+            "column_words": column_words}
+    args = {name: value for name, value in args.items() if value is not None}
+
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        lengths_ref = refs[0] if plan.has_lengths else None
-        column_words_ref = refs[-4] if plan.dropout_rate else None
+        extra = jax.tree.unflatten(jax.tree.structure(args), refs[:-3])
         dq_ref, dk_ref, dv_ref = refs[-3:]
         buffers = (
             plgpu.SMEM((KEY_TILES_PER_PROGRAM, plan.block_k, head_dim), dtype, **tile),  # K
@@ -357,12 +419,12 @@ def mosaic_backward(
         ds_stored = plgpu.Barrier(num_arrivals=1, num_barriers=2)
         keys_done = plgpu.Barrier(num_arrivals=KEY_TILES_PER_PROGRAM)
         pl.run_scoped(
-            lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref,
-                                     column_words_ref, dq_ref, dk_ref, dv_ref, scratch, plan=plan,
-                                     q_tiles=q_tiles),
+            lambda *scratch: _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, extra,
+                                     dq_ref, dk_ref, dv_ref, scratch, plan=plan,
+                                     q_tiles=q_tiles, k_programs=k_programs),
             buffers, kv_loaded, q_loaded, released, ds_stored, keys_done, collective_axes="wg")
 
-    mesh = plgpu.Mesh(grid=(heads, k_len // plan.keys_per_program, batch),
+    mesh = plgpu.Mesh(grid=(heads, k_programs, batch),
                       grid_names=("heads", "k", "batch"), num_threads=KEY_TILES_PER_PROGRAM + 1,
                       thread_name="wg")
     call = pl.kernel(
@@ -373,7 +435,5 @@ def mosaic_backward(
     # dQ is summed over all key blocks by TMA reduce-adds: a zero-initialised buffer that the
     # kernel updates in place (a mutable array, aliased to the kernel's output).
     dq = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    args = (q, k, v, d_out, lse, delta) + (() if lengths is None else (lengths.astype(jnp.int32),))
-    args += () if column_words is None else (column_words,)
-    dk, dv = call(*args, dq)
+    dk, dv = call(q, k, v, d_out, lse, delta, *jax.tree.leaves(args), dq)
     return jax.freeze(dq), dk, dv

@@ -8,10 +8,14 @@ each own a query tile, multiply on the tensor cores (wgmma) and keep the online 
 registers. The consumers take turns through a two-party barrier so that one's softmax (the
 exponentials) runs while the other's matrix products are in flight ("ping-pong" scheduling).
 
-It serves the common dense case only: bf16/fp16, head_dim 16, 32, 64 or 128, non-causal, no block
-mask, keys masked (if at all) by per-sequence lengths, i.e. padding at the end. Fully padded key
-tiles are not visited. Its outputs (O and the base-2 log-sum-exp) match ``pallas_forward``'s, so the
-same backward kernels follow it. ``pallas_attention`` decides when it runs (kernels/NOTES.md).
+It serves bf16/fp16 at head_dim 16, 32, 64 or 128. Masks (``MosaicPlan.mask``,
+kernels/pallas_mosaic_mask.py): right padding as per-sequence lengths (key tiles past a
+sequence's length are not visited), any other key mask as a streamed per-key bias, and causal
+masking, block masks and token-level mask predicates by a host schedule that lists each query
+tile pair's visible key tiles, fully visible ones first: those run as unmasked tiles, and only
+the partial ones evaluate the element mask. Its outputs (O and the base-2 log-sum-exp) match
+``pallas_forward``'s, so the same backward kernels follow it. ``pallas_attention`` decides when it
+runs (kernels/NOTES.md).
 
 Attention dropout (``MosaicPlan.dropout_rate``) takes the decisions of ``pallas_dropout``: each
 consumer reads its query rows' words once from global memory, in the accumulator's row layout,
@@ -39,6 +43,13 @@ from jaxtyping import Array, Float, Int
 
 from xformers_zoo.kernels.pallas_dropout import keep_outer, position_words
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
+from xformers_zoo.kernels.pallas_mosaic_mask import (
+    MosaicMask,
+    MosaicSchedule,
+    ScheduleRow,
+    element_visible,
+    tiles_rejects,
+)
 
 HEAD_DIMS = (16, 32, 64, 128)
 MOSAIC_DTYPES = ("bfloat16", "float16")
@@ -53,7 +64,7 @@ class MosaicPlan:
     """Static facts of one Mosaic GPU forward launch."""
 
     scale: float
-    has_lengths: bool
+    mask: MosaicMask = MosaicMask()
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
     stages: int = 2  # key/value slots in shared memory
@@ -63,6 +74,11 @@ class MosaicPlan:
     def rows_per_program(self) -> int:
         """Query rows one program covers (the wrapper pads q to a multiple of this)."""
         return QUERY_TILES_PER_PROGRAM * self.block_q
+
+    @property
+    def has_lengths(self) -> bool:
+        """Whether keys are masked by per-sequence lengths (right padding)."""
+        return self.mask.has_lengths
 
 
 def swizzled(columns: int, dtype) -> dict:
@@ -94,6 +110,21 @@ def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multipl
                          f"dropout_rate is above 0")
 
 
+def check_mask_inputs(kernel: str, mask: MosaicMask, bias, schedule: MosaicSchedule | None,
+                      rows: int) -> None:
+    """Raises unless the key ``bias`` and the ``schedule`` (``rows`` rows of programs) are given
+    exactly when ``mask`` expects them, the schedule in the shape the mask was planned for."""
+    if mask.has_bias != (bias is not None):
+        raise ValueError(f"{kernel}: a key bias must be given exactly when the mask has one")
+    if mask.sparse != (schedule is not None):
+        raise ValueError(f"{kernel}: a schedule must be given exactly when the mask is sparse")
+    if schedule is not None:
+        want = (mask.schedule_heads, rows, mask.width)
+        if schedule.indices.shape != want:
+            raise ValueError(f"{kernel}: schedule of shape {schedule.indices.shape}, the plan "
+                             f"expects {want} (heads, rows of programs, width)")
+
+
 def load_vector(ref, layout, *, optimized: bool = True):
     """Loads a whole vector ref in ``layout`` (JAX 0.10 takes an index argument, 0.11
     deprecates it). Global-memory refs need ``optimized=False`` (element-wise loads)."""
@@ -112,45 +143,46 @@ def fixed_words(words_ref, batch, head, start, size: int, layout):
     return load_vector(words_ref.at[batch, head, pl.ds(start, size)], layout, optimized=False)
 
 
-def mosaic_rejects(dtype: str, head_dim: int, *, causal: bool, has_block_mask: bool,
-                   has_key_mask: bool, key_mask_is_prefix: bool,
-                   has_predicate: bool = False) -> str | None:
-    """Why this forward cannot serve a call (the Triton forward then does), or None. Dropout
-    is served; whether it runs here by default is ``pallas_attention``'s choice."""
+def mosaic_rejects(dtype: str, head_dim: int, tiles=None) -> str | None:
+    """Why the Mosaic kernels cannot serve a call (the Triton kernels then do), or None:
+    ``tiles`` is its tile-granular mask (a block mask or a predicate's tiles), which must
+    refine to both passes' tiles. Dropout and every other mask are served; whether they run
+    here by default is ``pallas_attention``'s choice."""
     if dtype not in MOSAIC_DTYPES:
         return f"dtype must be one of {MOSAIC_DTYPES}, got {dtype}"
     if head_dim not in HEAD_DIMS:
         return f"head_dim must be one of {HEAD_DIMS}, got {head_dim}"
-    if causal:
-        return "causal masking is not implemented"
-    if has_block_mask:
-        return "block masks are not implemented"
-    if has_predicate:
-        return ("mask predicates are not implemented: calls with one run on the Triton-family "
-                "kernels")
-    if has_key_mask and not key_mask_is_prefix:
-        return "key masks must be right padding (key_mask_is_prefix=True)"
-    return None
+    return tiles_rejects(tiles, QUERY_TILES_PER_PROGRAM * BLOCK_Q, BLOCK_K)
 
 
-def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratch, *,
-            plan: MosaicPlan, k_tiles: int):
+def _kernel(q_ref, k_ref, v_ref, extra: dict, o_ref, lse_ref, scratch, *, plan: MosaicPlan,
+            k_tiles: int, q_programs: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn = (
         scratch[:4])
+    streamed = list(scratch[4:])  # rings filled beside the keys: dropout words, key bias
     if plan.dropout_rate:  # row and column words of the dropout decisions; the column ring
-        (row_words_ref, column_words_ref), (column_smem, column_ready) = words_refs, scratch[4:]
+        (row_words_ref, column_words_ref), (column_smem, column_ready) = (extra["words"],
+                                                                         streamed.pop(0))
+    mask = plan.mask
+    if mask.has_bias:  # the key bias ring
+        bias_ref, (bias_smem, bias_ready) = extra["bias"], streamed.pop(0)
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index("wg")
     block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
     dtype = q_smem.dtype
-    if plan.has_lengths:
-        length = lengths_ref[batch]
+    if mask.sparse:  # the listed key tiles, fully visible ones first
+        row = ScheduleRow(mask, extra["tables"], head, lax.axis_index("q"), q_programs)
+        full_steps, steps, key_tile = row.full, row.total, row.tile
+    elif mask.has_lengths:
+        length = extra["lengths"][batch]
         full_steps = lax.div(length, block_k)
         steps = lax.div(length + block_k - 1, block_k)
+        key_tile = lambda i: i  # noqa: E731
     else:
         full_steps = steps = k_tiles
+        key_tile = lambda i: i  # noqa: E731
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -182,7 +214,23 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratc
         # The second consumer starts one turn late, so the two alternate from here on.
         pl.when(wg == 1)(take_turn)
 
-        def step(i, carry, *, masked: bool):
+        def masked_logits(s, i, bias, partial: bool):
+            """Base-2 logits of a tile under the key bias and, on partial tiles, the element
+            mask; a row may be -inf throughout."""
+            t = s * log2_scale
+            if bias is not None:
+                t = t + lax.broadcast_in_dim(bias, t.shape, [1])
+            if partial:
+                q_pos = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0,
+                                                      layout=plgpu.Layout.WGMMA)
+                k_pos = key_tile(i) * block_k + plgpu.broadcasted_iota(
+                    jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                visible = element_visible(mask, batch, head, q_pos, k_pos, row.flag(i))
+                if visible is not None:
+                    t = jnp.where(visible, t, -jnp.inf)
+            return t
+
+        def step(i, carry, *, partial: bool):
             acc, m, total = carry
             slot = lax.rem(i, stages)
 
@@ -195,13 +243,27 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratc
             if plan.dropout_rate:  # in registers before the slot is released with the keys
                 plgpu.barrier_wait(column_ready.at[slot])
                 column_words = load_vector(column_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+            bias = None
+            if mask.has_bias:  # likewise the keys' bias
+                plgpu.barrier_wait(bias_ready.at[slot])
+                bias = load_vector(bias_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(k_free.at[slot])
-            if masked:  # the one tile that holds the sequence's last keys
-                cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(cols + i * block_k < length, s, -jnp.inf)
-            m_next = jnp.maximum(m, s.max(axis=1) * log2_scale)
-            correction = jnp.exp2(m - m_next)
-            p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
+            if mask.has_bias or (partial and mask.sparse):  # rows may see no key here
+                t = masked_logits(s, i, bias, partial)
+                m_next = jnp.maximum(m, t.max(axis=1))
+                # A row with no visible key yet keeps m = -inf; exponentials against 0 give
+                # it zero weights instead of NaN.
+                m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+                correction = jnp.exp2(m - m_safe)
+                p = jnp.exp2(t - lax.broadcast_in_dim(m_safe, t.shape, [0]))
+            else:
+                if partial:  # the one tile that holds the sequence's last keys
+                    cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(cols + i * block_k < length, s, -jnp.inf)
+                m_next = jnp.maximum(m, s.max(axis=1) * log2_scale)
+                correction = jnp.exp2(m - m_next)
+                p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
             total = total * correction + p.sum(axis=1)
             if plan.dropout_rate:  # the sum above counts every weight, kept or not
@@ -226,14 +288,15 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratc
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_next, total
 
-        carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False),
+        carry = lax.fori_loop(0, full_steps, functools.partial(step, partial=False),
                               (acc, m, total))
-        if plan.has_lengths:
-            carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
+        if mask.has_lengths or mask.sparse:  # the last tile, or the schedule's partial tiles
+            carry = lax.fori_loop(full_steps, steps, functools.partial(step, partial=True),
+                                  carry)
         acc, m, total = carry
         pl.when(wg == 0)(take_turn)  # balances the second consumer's early turn
 
-        if plan.has_lengths:  # a sequence of length 0: no keys, output 0, empty-row LSE
+        if mask.has_lengths or mask.may_empty_rows:  # rows that saw no key: output 0, empty LSE
             seen = total > 0.0
             total = jnp.where(seen, total, 1.0)
             lse = jnp.where(seen, m + jnp.log(total) * LOG2_E, EMPTY_ROW_LSE)
@@ -254,12 +317,15 @@ def _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref, scratc
         plgpu.set_max_registers(40, action="decrease")
 
         def fetch_keys(i, slot):
-            keys = (batch, pl.ds(i * block_k, block_k), head)
+            first = key_tile(i) * block_k
+            keys = (batch, pl.ds(first, block_k), head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             if plan.dropout_rate:  # the tile's column words share the keys' slot
-                plgpu.copy_gmem_to_smem(column_words_ref.at[batch, head, pl.ds(i * block_k,
-                                                                                block_k)],
+                plgpu.copy_gmem_to_smem(column_words_ref.at[batch, head, pl.ds(first, block_k)],
                                         column_smem.at[slot], column_ready.at[slot])
+            if mask.has_bias:  # and so does its bias
+                plgpu.copy_gmem_to_smem(bias_ref.at[batch, pl.ds(first, block_k)],
+                                        bias_smem.at[slot], bias_ready.at[slot])
             return keys
 
         def fetch(i, slot):
@@ -287,25 +353,36 @@ def mosaic_forward(
     lengths: Int[Array, " b"] | None,
     plan: MosaicPlan,
     streams: Int[Array, " bh"] | None = None,
+    bias: Float[Array, "b nk"] | None = None,
+    schedule: MosaicSchedule | None = None,
 ) -> tuple[Float[Array, "b nq h d"], Float[Array, "b h nq"]]:
     """Output and base-2 log-sum-exp of attention; ``nq`` a multiple of
-    ``plan.rows_per_program`` and ``nk`` of ``plan.block_k``; ``lengths`` (int32, one per
-    sequence) counts the real keys of each sequence (the rest are padding); ``streams``
-    (``pallas_dropout.head_streams``, exactly when ``plan.dropout_rate`` > 0) seed the dropout
-    decisions."""
+    ``plan.rows_per_program`` and ``nk`` of ``plan.block_k``. Exactly what ``plan.mask`` and
+    ``plan.dropout_rate`` ask for is passed: ``lengths`` (int32, one per sequence) counts the
+    real keys of each sequence (the rest are padding); ``bias`` (float32, 0 or -inf per key)
+    masks keys of any pattern; ``schedule`` (``pallas_mosaic_mask.mosaic_schedule`` over
+    ``rows_per_program`` x ``block_k`` tiles) lists the key tiles of each query tile pair;
+    ``streams`` (``pallas_dropout.head_streams``) seed the dropout decisions."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
     check_launch("mosaic forward", q_len, plan.rows_per_program, k_len, plan.block_k,
                  plan.has_lengths, lengths, plan.dropout_rate, streams)
+    q_programs = q_len // plan.rows_per_program
+    check_mask_inputs("mosaic forward", plan.mask, bias, schedule, q_programs)
     k_tiles = k_len // plan.block_k
     plan = dataclasses.replace(plan, stages=min(plan.stages, k_tiles))
     tile = swizzled(head_dim, q.dtype)  # 128-byte swizzle for D >= 64
+    args = {"lengths": None if lengths is None else lengths.astype(jnp.int32),
+            "bias": None if bias is None else bias.astype(jnp.float32),
+            "tables": None if schedule is None else schedule.tables(),
+            "words": (position_words(streams, batch, heads, q_len, k_len)
+                      if plan.dropout_rate else None)}
+    args = {name: value for name, value in args.items() if value is not None}
 
     def entry(q_ref, k_ref, v_ref, *refs):
-        lengths_ref = refs[0] if plan.has_lengths else None
-        words_refs = refs[plan.has_lengths:-2] if plan.dropout_rate else None
+        extra = jax.tree.unflatten(jax.tree.structure(args), refs[:-2])
         o_ref, lse_ref = refs[-2:]
         buffers = (plgpu.SMEM((QUERY_TILES_PER_PROGRAM, plan.block_q, head_dim), q.dtype, **tile),
                    plgpu.SMEM((plan.stages, plan.block_k, head_dim), k.dtype, **tile),
@@ -317,22 +394,21 @@ def mosaic_forward(
         released = (plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM,
                                   num_barriers=plan.stages),) * 2
         turn = plgpu.Barrier(num_arrivals=QUERY_TILES_PER_PROGRAM)
-        words = () if not plan.dropout_rate else (  # column words, one slot per key tile
-            plgpu.SMEM((plan.stages, plan.block_k), jnp.int32),
-            plgpu.Barrier(num_barriers=plan.stages))
+        rings = []  # one slot per key tile in flight: dropout column words, key bias
+        for dtype, wanted in ((jnp.int32, plan.dropout_rate), (jnp.float32, plan.mask.has_bias)):
+            if wanted:
+                rings.append((plgpu.SMEM((plan.stages, plan.block_k), dtype),
+                              plgpu.Barrier(num_barriers=plan.stages)))
         pl.run_scoped(
-            lambda *scratch: _kernel(q_ref, k_ref, v_ref, lengths_ref, words_refs, o_ref, lse_ref,
-                                     scratch, plan=plan, k_tiles=k_tiles),
-            buffers, loaded, released, turn, *words, collective_axes="wg")
+            lambda *scratch: _kernel(q_ref, k_ref, v_ref, extra, o_ref, lse_ref, scratch,
+                                     plan=plan, k_tiles=k_tiles, q_programs=q_programs),
+            buffers, loaded, released, turn, *rings, collective_axes="wg")
 
     call = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-        grid=(heads, q_len // plan.rows_per_program, batch), grid_names=("heads", "q", "batch"),
+        grid=(heads, q_programs, batch), grid_names=("heads", "q", "batch"),
         num_threads=QUERY_TILES_PER_PROGRAM + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True))
-    args = (q, k, v) if lengths is None else (q, k, v, lengths.astype(jnp.int32))
-    if plan.dropout_rate:
-        args += position_words(streams, batch, heads, q_len, k_len)
-    return call(*args)
+    return call(q, k, v, *jax.tree.leaves(args))

@@ -143,7 +143,7 @@ def main():
         res[name] = (ms, work[kind], window)
         return ms
 
-    fplan = MosaicPlan(scale=scale, has_lengths=False)
+    fplan = MosaicPlan(scale=scale)
     fwd = compiled("mosaic fwd", lambda q, k, v: mosaic_forward(q, k, v, None, fplan), q, k, v)
     fwd_ms = measure("mosaic fwd", "fwd", fwd, q, k, v)
     out, lse = fwd(q, k, v)

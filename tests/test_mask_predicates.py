@@ -170,14 +170,8 @@ def test_dispatch_sends_predicates_to_triton_kernels(monkeypatch):
     tiled = LRA_LOCAL.with_tiles(masks.dense(200, 50))
     impl, skipped = choose_implementation(_call(mask_predicate=tiled), ("pallas", "xla"))
     assert impl.name == "xla" and "powers of two >= 16, got 50x50" in dict(skipped)["pallas"]
-    ok = dict(causal=False, has_block_mask=False, has_key_mask=False, key_mask_is_prefix=False)
-    assert mosaic_rejects("bfloat16", 64, **ok) is None
-    reason = mosaic_rejects("bfloat16", 64, has_predicate=True, **ok)
-    assert "mask predicates" in reason and "Triton-family" in reason
-    q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="mask predicates are not implemented: calls with one "
-                                         "run on the Triton-family kernels"):
-        pallas_attention(q, q, q, mask_predicate=LRA_LOCAL, kernels="mosaic")
+    assert mosaic_rejects("bfloat16", 64, LRA_LOCAL.tiles) is None
+    assert "multiples of 128x128" in mosaic_rejects("bfloat16", 64, masks.dense(200, 64))
 
 
 @pytest.mark.gpu

@@ -11,30 +11,30 @@ import numpy as np
 import pytest
 from test_pallas_attention import rel_err, run_and_check
 
+from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.pallas_attention import pallas_attention
 from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_rejects
 
 
 def test_mosaic_rejects_name_the_reason():
-    ok = dict(causal=False, has_block_mask=False, has_key_mask=True, key_mask_is_prefix=True)
-    assert mosaic_rejects("bfloat16", 64, **ok) is None
-    assert mosaic_rejects("float16", 128, **ok) is None
-    assert mosaic_rejects("bfloat16", 32, **ok) is None
-    cases = {"head_dim must be one of": ("bfloat16", 48, ok),
-             "dtype must be one of": ("float32", 64, ok),
-             "causal": ("bfloat16", 64, ok | {"causal": True}),
-             "block masks": ("bfloat16", 64, ok | {"has_block_mask": True}),
-             "right padding": ("bfloat16", 64, ok | {"key_mask_is_prefix": False})}
-    for expected, (dtype, head_dim, facts) in cases.items():
-        assert expected in mosaic_rejects(dtype, head_dim, **facts)
+    assert mosaic_rejects("bfloat16", 64) is None
+    assert mosaic_rejects("float16", 128) is None
+    assert mosaic_rejects("bfloat16", 32, BlockMask(np.ones((2, 2), bool), 256, 128)) is None
+    cases = {"head_dim must be one of": ("bfloat16", 48, None),
+             "dtype must be one of": ("float32", 64, None),
+             "block-mask tiles must be multiples of 128x128": (
+                 "bfloat16", 64, BlockMask(np.ones((4, 4), bool), 64, 128))}
+    for expected, (dtype, head_dim, tiles) in cases.items():
+        assert expected in mosaic_rejects(dtype, head_dim, tiles)
 
 
 def test_mosaic_forward_by_name_explains_refusal():
     q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="no interpret mode"):
         pallas_attention(q, q, q, interpret=True, kernels="mosaic")
-    with pytest.raises(ValueError, match="Mosaic kernels cannot serve.*causal"):
-        pallas_attention(q, q, q, interpret=True, kernels="mosaic", causal=True)
+    with pytest.raises(ValueError, match="Mosaic kernels cannot serve.*dtype must be one of"):
+        pallas_attention(*(x.astype(jnp.float32) for x in (q, q, q)), interpret=True,
+                         kernels="mosaic", causal=True)
     with pytest.raises(ValueError, match="kernels must be one of"):
         pallas_attention(q, q, q, interpret=True, kernels="cuda")
 

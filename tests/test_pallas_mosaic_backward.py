@@ -14,6 +14,7 @@ from test_pallas_attention import rel_err
 
 from xformers_zoo.kernels.pallas_dropout import head_streams, seed_words
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
+from xformers_zoo.kernels.pallas_mosaic_mask import MosaicMask
 
 DROPOUT_RNG = jax.random.key(31)
 
@@ -47,7 +48,7 @@ def run(n, head_dim, dtype=jnp.bfloat16, lengths=None, seed=0, dropout_rate=0.0,
     if lengths is not None:
         lengths = jnp.array(lengths, jnp.int32)
     out, lse, want = reference(q, k, v, d_out, lengths, dropout_rate)
-    plan = MosaicBackwardPlan(scale=scale, has_lengths=lengths is not None,
+    plan = MosaicBackwardPlan(scale=scale, mask=MosaicMask(has_lengths=lengths is not None),
                               dropout_rate=dropout_rate, **plan_changes)
     streams = None
     if dropout_rate:
@@ -115,7 +116,7 @@ def test_gpu_after_mosaic_forward(head_dim):
 
     @jax.jit
     def both(q, k, v, d_out):
-        out, lse = mosaic_forward(q, k, v, None, MosaicPlan(scale=scale, has_lengths=False))
+        out, lse = mosaic_forward(q, k, v, None, MosaicPlan(scale=scale))
         return mosaic_backward(q, k, v, out, lse, d_out, None,
                                MosaicBackwardPlan(scale=scale))
 
@@ -131,7 +132,8 @@ def test_rejects_unaligned_lengths_and_missing_lengths():
     q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
     lse = jnp.zeros((1, 1, 128), jnp.float32)
     with pytest.raises(ValueError, match="lengths must be given"):
-        mosaic_backward(q, q, q, q, lse, q, None, MosaicBackwardPlan(scale=1.0, has_lengths=True))
+        mosaic_backward(q, q, q, q, lse, q, None,
+                        MosaicBackwardPlan(scale=1.0, mask=MosaicMask(has_lengths=True)))
     with pytest.raises(ValueError, match="head_dim one of"):
         x = jnp.zeros((1, 128, 1, 48), jnp.bfloat16)
         mosaic_backward(x, x, x, x, lse, x, None, MosaicBackwardPlan(scale=1.0))

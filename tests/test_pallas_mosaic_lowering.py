@@ -20,6 +20,7 @@ from xformers_zoo.kernels.pallas_dropout import (
 )
 from xformers_zoo.kernels.pallas_mosaic_backward import MosaicBackwardPlan, mosaic_backward
 from xformers_zoo.kernels.pallas_mosaic_forward import HEAD_DIMS, MosaicPlan, mosaic_forward
+from xformers_zoo.kernels.pallas_mosaic_mask import MosaicMask
 
 DROPOUT_RATES = [0.0, 0.1]
 
@@ -44,7 +45,8 @@ def stream_struct(rate):
 @pytest.mark.parametrize("lengths", [False, True])
 def test_forward_lowers(head_dim, lengths, dropout_rate):
     x, _, ln = structs(256, head_dim, jnp.bfloat16, lengths)
-    plan = MosaicPlan(scale=head_dim ** -0.5, has_lengths=lengths, dropout_rate=dropout_rate)
+    plan = MosaicPlan(scale=head_dim ** -0.5, mask=MosaicMask(has_lengths=lengths),
+                      dropout_rate=dropout_rate)
     text = lowered_text(lambda q, k, v, ln, st: mosaic_forward(q, k, v, ln, plan, st),
                         x, x, x, ln, stream_struct(dropout_rate))
     assert "mosaic_gpu" in text
@@ -64,7 +66,7 @@ def test_backward_lowers(head_dim, options, dropout_rate):
     options = dict(options)
     lengths = options.pop("lengths", False)
     x, lse, ln = structs(256, head_dim, jnp.float16, lengths)
-    plan = MosaicBackwardPlan(scale=head_dim ** -0.5, has_lengths=lengths,
+    plan = MosaicBackwardPlan(scale=head_dim ** -0.5, mask=MosaicMask(has_lengths=lengths),
                               dropout_rate=dropout_rate, **options)
     backward = lambda q, k, v, o, lse, g, ln, st: mosaic_backward(q, k, v, o, lse, g, ln, plan,
                                                                   st)
@@ -86,7 +88,7 @@ def test_dropout_streams_must_match_the_plan():
     lse = jnp.zeros((1, 1, 128), jnp.float32)
     streams = jnp.zeros((1,), jnp.int32)
     with pytest.raises(ValueError, match="dropout streams must be given exactly"):
-        mosaic_forward(q, q, q, None, MosaicPlan(scale=1.0, has_lengths=False, dropout_rate=0.1))
+        mosaic_forward(q, q, q, None, MosaicPlan(scale=1.0, dropout_rate=0.1))
     with pytest.raises(ValueError, match="dropout streams must be given exactly"):
         mosaic_backward(q, q, q, q, lse, q, None, MosaicBackwardPlan(scale=1.0), streams)
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
@@ -118,11 +120,11 @@ def test_position_words_give_the_keep_mask_bit_for_bit():
     ("triton", 0.1, "triton")])
 def test_dropout_takes_mosaic_only_by_name(monkeypatch, kernels, dropout_rate, family):
     """On a Hopper GPU (faked: both families lower for "cuda" on CPU), calls with dropout keep
-    the Triton kernels unless ``kernels="mosaic"`` asks for the Mosaic ones
-    (``MOSAIC_DROPOUT_BY_DEFAULT`` is off until the GPU tests pass); the chosen family is what
-    lowers, forward and backward, through padding (an unaligned length, a prefix key mask)
-    and the custom VJP."""
-    assert not pallas_module.MOSAIC_DROPOUT_BY_DEFAULT
+    the Triton kernels unless ``kernels="mosaic"`` asks for the Mosaic ones (dropout is not in
+    ``MOSAIC_VALIDATED`` until the GPU tests pass); the chosen family is what lowers, forward
+    and backward, through padding (an unaligned length, a prefix key mask) and the custom
+    VJP."""
+    assert "dropout" not in pallas_module.MOSAIC_VALIDATED
     monkeypatch.setattr(pallas_module, "_compute_capability", lambda: "9.0")
     n = 200
     key_mask = jnp.arange(n)[None, :] < jnp.array([n, 150])[:, None]
@@ -144,7 +146,7 @@ def test_dropout_takes_mosaic_only_by_name(monkeypatch, kernels, dropout_rate, f
 
 def test_mosaic_by_name_with_dropout_names_what_it_cannot_serve(monkeypatch):
     monkeypatch.setattr(pallas_module, "_compute_capability", lambda: "9.0")
-    q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="Mosaic kernels cannot serve this call: causal"):
+    q = jnp.zeros((1, 64, 1, 64), jnp.float32)
+    with pytest.raises(ValueError, match="Mosaic kernels cannot serve this call: dtype must be"):
         pallas_module.pallas_attention(q, q, q, causal=True, interpret=False, kernels="mosaic",
                                        dropout_rate=0.1, dropout_rng=jax.random.key(0))
