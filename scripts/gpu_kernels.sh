@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU-machine job for the attention kernels. Steps (any subset, in order given):
 #   kernel-tests  the fused Mosaic backward's own GPU tests (with and without dropout)
-#   tests         every other GPU test (-m gpu): pallas_attention with both kernel families
-#                 (the Mosaic kernels' dropout against the float64 reference and against the
-#                 Triton kernels' decisions), cuDNN's plain and length-masked calls, mask
-#                 predicates, the shared layers
+#   mosaic-tests  the Mosaic kernels through pallas_attention: dense and right padding, dropout
+#                 (against the float64 reference and the Triton kernels' decisions), every mask
+#                 (causal, key masks, block masks, mask predicates); one line per test, so each
+#                 feature's verdict can be read (pallas_attention.MOSAIC_VALIDATED)
+#   tests         every other GPU test (-m gpu): the Triton kernels, cuDNN's plain and
+#                 length-masked calls, mask predicates, the shared layers
 #   time          the fused backward against cuDNN and the Triton kernels for SHAPES (N:D, space
 #                 separated; PLANS: plan names of scripts/time_mosaic_backward.py)
 #   ptxas         ptxas register and spill report of the D = 128 kernel
@@ -40,9 +42,15 @@ for step in "$@"; do
         | head -30
       tr '\n' ' ' < "$logs/kernel_tests_gpu_util.log"; echo
       tail -4 "$logs/kernel_tests.log" ;;
+    mosaic-tests)
+      run mosaic_tests 400 python3 -m pytest -v -m gpu -p no:cacheprovider \
+        -o faulthandler_timeout=60 tests/test_pallas_mosaic.py tests/test_pallas_mosaic_masks.py
+      grep -E "PASSED|FAILED|ERROR|Timeout" "$logs/mosaic_tests.log" | sed 's/ *\[ *[0-9]*%\]//'
+      tail -2 "$logs/mosaic_tests.log" ;;
     tests)
       run tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests \
-        --ignore=tests/test_pallas_mosaic_backward.py
+        --ignore=tests/test_pallas_mosaic_backward.py --ignore=tests/test_pallas_mosaic.py \
+        --ignore=tests/test_pallas_mosaic_masks.py
       tail -4 "$logs/tests.log" ;;
     time)
       for shape in ${SHAPES:-16384:64 4096:64 16384:128 4096:128}; do

@@ -152,6 +152,16 @@ def test_bench_times_mosaic_dropout_beside_triton_dropout():
     assert dropped == plain + [("pallas", 0.1), ("pallas_mosaic", 0.1)]
 
 
+def test_bench_times_mosaic_block_sparse_beside_triton():
+    """The block-sparse table times the Mosaic kernels by name beside ``pallas`` (which gives
+    block masks to the Triton kernels until the Mosaic mask path is validated on a GPU)."""
+    from xformers_zoo.bench.kernels import _sparse_variants, parse_args
+
+    rows = _sparse_variants(parse_args(["--impls", "pallas", "pallas_mosaic"]))
+    assert rows == [("pallas", None, 0.0), ("pallas_mosaic", None, 0.0)]
+    assert _sparse_variants(parse_args(["--impls", "pallas"])) == [("pallas", None, 0.0)]
+
+
 @pytest.mark.parametrize("window", [128, 512, 2048])
 def test_flex_mask_mod_is_the_bench_pattern(window):
     n, block = 2048, 128

@@ -57,9 +57,9 @@ def pallas_triton(**kwargs):
 
 
 def pallas_mosaic(**kwargs):
-    """Our Mosaic kernels by name: with dropout, which ``pallas`` still gives to the Triton
-    kernels (``pallas_attention.MOSAIC_DROPOUT_BY_DEFAULT``), the Mosaic dropout path beside
-    them. Off Hopper GPUs its rows carry the refusal as their error."""
+    """Our Mosaic kernels by name: with dropout or a block mask, which ``pallas`` still gives
+    to the Triton kernels (``pallas_attention.MOSAIC_VALIDATED``), the Mosaic path beside them.
+    Off Hopper GPUs its rows carry the refusal as their error."""
     return pallas(**kwargs, kernels="mosaic")
 
 

@@ -116,7 +116,7 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set(xscale="log", xlabel="N", ylabel="fwd+bwd TFLOP/s", title=f"D={d}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for impl in ("pallas-sparse", "torch-flex-sparse"):
+    for impl in ("pallas-sparse", "pallas_mosaic-sparse", "torch-flex-sparse"):
         for mode in ("fwd", "fwd_bwd"):
             pts = [(r["density"], r[f"{mode}_ms"]) for r in report["sparse"]
                    if f"{mode}_ms" in r and r["impl"] == impl]

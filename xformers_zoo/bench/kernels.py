@@ -12,7 +12,9 @@ FLOPs over the measured bf16 matrix rate and bytes over the measured copy bandwi
 table times block-sparse ``pallas`` against mask density at one length. Writes JSON, Markdown and
 a PNG plot. ``--dropout-rate`` adds rows with attention dropout for the implementations that
 take it (pallas, which gives dropout to the Triton kernels, pallas_mosaic, the Mosaic kernels
-asked for by name and timed with dropout only, and xla). Runs as ``xformers-zoo bench kernels``
+asked for by name and timed with dropout only, and xla). The block-sparse table has a
+``pallas_mosaic-sparse`` row too (the Mosaic kernels by name, while block masks default to the
+Triton kernels). Runs as ``xformers-zoo bench kernels``
 (``python -m xformers_zoo bench kernels``).
 """
 
@@ -183,6 +185,15 @@ def sparse_shape(args) -> tuple[int, int, int, int]:
     return args.sparse_len, SPARSE_HEAD_DIM, 1, max(1, args.width // SPARSE_HEAD_DIM)
 
 
+def _sparse_variants(args) -> list[tuple[str, str | None, float]]:
+    """(implementation, tiles, dropout rate) of every block-sparse row of one window."""
+    variants = [("pallas", tiles, 0.0) for tiles in [None, *args.sparse_tiles]]
+    # The Mosaic kernels by name: ``pallas`` gives block masks to the Triton kernels until the
+    # Mosaic mask path has passed its GPU tests (pallas_attention.MOSAIC_VALIDATED).
+    variants += [("pallas_mosaic", None, 0.0)] if "pallas_mosaic" in args.impls else []
+    return variants + ([("pallas", None, args.dropout_rate)] if args.dropout_rate > 0.0 else [])
+
+
 def sparse_rows(args, ceil) -> list[dict]:
     """Block-sparse pallas against density (sliding windows of growing width, 2 global tiles)."""
     n, d, b, h = sparse_shape(args)
@@ -191,14 +202,12 @@ def sparse_rows(args, ceil) -> list[dict]:
     for window in args.windows:
         bm = sparse_mask(n, window)
         work = work_and_bytes(b, n, h, d, bm.density)
-        variants = [(t, 0.0) for t in [None, *args.sparse_tiles]]
-        variants += [(None, args.dropout_rate)] if args.dropout_rate > 0.0 else []
-        for tiles, rate in variants:
-            attend, _ = IMPLS["pallas"](b=b, n=n, h=h, d=d, block_mask=bm, dropout_rate=rate,
-                                        tiles=parse_tiles(tiles) if tiles else None)
+        for impl, tiles, rate in _sparse_variants(args):
+            attend, _ = IMPLS[impl](b=b, n=n, h=h, d=d, block_mask=bm, dropout_rate=rate,
+                                    tiles=parse_tiles(tiles) if tiles else None)
             row = {"n": n, "d": d, "batch": b, "heads": h, "window": window,
                    "density": bm.density}
-            name = "pallas-sparse" + (f"@{tiles}" if tiles else "")
+            name = f"{impl}-sparse" + (f"@{tiles}" if tiles else "")
             row |= measure(name + (f"+dropout{rate:g}" if rate else ""), attend, inputs,
                            work=work, ceil=ceil, repeats=args.repeats)
             rows.append(row)
