@@ -91,16 +91,6 @@ class MosaicSchedule:
         return tuple(jnp.asarray(t.reshape(-1), jnp.int32)
                      for t in (self.indices, self.flags, self.counts))
 
-    def visible(self) -> np.ndarray:
-        """``[H, rows, cols]`` bool: the tiles listed (for tests and reports)."""
-        heads, rows, _ = self.indices.shape
-        cols = int(self.indices.max(initial=0)) + 1
-        out = np.zeros((heads, rows, cols), bool)
-        for h in range(heads):
-            for r in range(rows):
-                out[h, r, self.indices[h, r, : self.counts[h, r, 1]]] = True
-        return out
-
 
 def mosaic_features(*, causal: bool, block_mask, predicate, key_mask, key_mask_is_prefix: bool,
                     dropout_rate: float, padded: bool) -> frozenset[str]:

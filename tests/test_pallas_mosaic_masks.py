@@ -26,8 +26,10 @@ from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 from xformers_zoo.kernels.pallas_layout import prepare, with_defaults
 from xformers_zoo.kernels.pallas_mosaic_mask import (
     CAUSAL_PARTIAL,
+    MOSAIC_FEATURES,
     PREDICATE_PARTIAL,
     element_visible,
+    mosaic_features,
     mosaic_schedule,
 )
 
@@ -330,6 +332,17 @@ def test_unvalidated_masks_keep_the_triton_kernels_by_default(monkeypatch, name,
                         frozenset(["causal", "mask predicate", "right padding"]))
     text = _lowered_grad(options, q_len, k_len, 0.0, kernels=None)
     assert text.count("custom_call @mosaic_gpu_v2") == 2
+
+
+def test_features_are_named_from_one_list():
+    """What a call asks for, and what is validated, are names of ``MOSAIC_FEATURES``."""
+    assert pallas_module.MOSAIC_VALIDATED.issubset(MOSAIC_FEATURES)
+    every = mosaic_features(causal=True, block_mask=_per_head_blocks(256, 1, 0),
+                            predicate=LRA_LOCAL, key_mask=jnp.ones((1, 256), bool),
+                            key_mask_is_prefix=False, dropout_rate=0.1, padded=True)
+    assert every == set(MOSAIC_FEATURES)
+    assert mosaic_features(causal=False, block_mask=None, predicate=None, key_mask=None,
+                           key_mask_is_prefix=False, dropout_rate=0.0, padded=False) == set()
 
 
 def test_block_tiles_the_mosaic_kernels_cannot_refine_are_named(monkeypatch):
