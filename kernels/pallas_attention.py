@@ -40,7 +40,7 @@ from xformers_zoo.kernels.dispatch import (
     BlockwiseAttention,
     register_implementation,
 )
-from xformers_zoo.kernels.mask_predicate import MaskPredicate
+from xformers_zoo.kernels.mask_predicate import MaskPredicate, as_predicate
 from xformers_zoo.kernels.pallas_backward import flash_backward
 from xformers_zoo.kernels.pallas_forward import flash_forward
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
@@ -53,7 +53,13 @@ from xformers_zoo.kernels.pallas_layout import (
     with_defaults,
 )
 from xformers_zoo.kernels.pallas_mosaic_backward import mosaic_backward
-from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_forward, mosaic_rejects
+from xformers_zoo.kernels.pallas_mosaic_forward import (
+    BLOCK_K,
+    HEAD_DIMS,
+    mosaic_forward,
+    mosaic_rejects,
+)
+from xformers_zoo.kernels.pallas_mosaic_mask import mosaic_features
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
     TileSchedule,
@@ -99,6 +105,7 @@ def _compute_capability() -> str | None:
 @register_implementation(
     "pallas", rejects=pallas_rejects,
     description="FlashAttention-2 Pallas kernels, dense and block-sparse",
+    form=lambda call: pallas_family(call),
     blockwise=BlockwiseAttention(
         forward=lambda q, k, v, **options: pallas_forward_with_lse(q, k, v, **options),
         backward=lambda *arrays, **options: pallas_backward_from_lse(*arrays, **options)))
@@ -176,6 +183,19 @@ def pallas_backward_from_lse(
     return call.cut(dq, call.q_len), call.cut(dk, k.shape[1]), call.cut(dv, k.shape[1])
 
 
+def _mosaic_refusal(interpret: bool, dtype: str, head_dim: int, tiles) -> str | None:
+    """Why the Mosaic kernels cannot run a call here at all (inputs, interpret mode, not a
+    Hopper GPU), or None."""
+    reason = mosaic_rejects(dtype, head_dim, tiles)
+    if reason is None and interpret:
+        reason = "it has no interpret mode (Hopper GPUs only)"
+    if reason is None:
+        capability = _compute_capability()
+        if capability is None or not capability.startswith("9."):
+            reason = f"it needs a Hopper GPU (compute capability 9.x), device has {capability!r}"
+    return reason
+
+
 def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_dim: int, *,
                 tiles, features: frozenset[str]) -> bool:
     """Whether the Mosaic kernels run this call (else the Triton kernels). Asked for by name,
@@ -186,19 +206,33 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
                          f"got {kernels!r}")
     if kernels == "triton":
         return False
-    reason = mosaic_rejects(dtype, head_dim, tiles)
-    if reason is None and interpret:
-        reason = "it has no interpret mode (Hopper GPUs only)"
-    if reason is None:
-        capability = _compute_capability()
-        if capability is None or not capability.startswith("9."):
-            reason = f"it needs a Hopper GPU (compute capability 9.x), device has {capability!r}"
+    reason = _mosaic_refusal(interpret, dtype, head_dim, tiles)
     if reason is not None:
         if kernels == "mosaic":
             raise ValueError(f"pallas attention: the Mosaic kernels cannot serve this call: "
                              f"{reason}")
         return False
     return kernels == "mosaic" or features <= MOSAIC_VALIDATED
+
+
+def pallas_family(call: AttentionCall) -> str:
+    """Which kernel family ``pallas`` runs ``call`` on by default, and why not the Mosaic one
+    when it does not: "mosaic", or "triton: ..." with the reason."""
+    head_dim = next((s for s in HEAD_DIMS if s >= call.head_dim), call.head_dim)
+    predicate = as_predicate(call.mask_predicate)
+    reason = _mosaic_refusal(call.backend != "gpu", call.dtype, head_dim,
+                             tile_part(call.block_mask, predicate))
+    if reason is not None:
+        return f"triton: the Mosaic kernels cannot serve it: {reason}"
+    features = mosaic_features(causal=call.causal, block_mask=call.block_mask,
+                               predicate=predicate, key_mask=True if call.has_key_mask else None,
+                               key_mask_is_prefix=call.key_mask_is_prefix,
+                               dropout_rate=call.dropout_rate, padded=call.k_len % BLOCK_K != 0)
+    pending = sorted(features - MOSAIC_VALIDATED)
+    if pending:
+        return (f"triton: the Mosaic kernels are not yet validated on a GPU for "
+                f"{', '.join(pending)}; kernels=\"mosaic\" runs them")
+    return "mosaic"
 
 
 def _forward(kernels, q, k, v, bias, streams, lengths):

@@ -22,6 +22,7 @@ from test_pallas_mosaic_lowering import lowered_text
 from xformers_zoo.kernels import masks, predicates
 from xformers_zoo.kernels import pallas_attention as pallas_module
 from xformers_zoo.kernels.block_mask import BlockMask
+from xformers_zoo.kernels.dispatch import AttentionCall, describe_choice
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
 from xformers_zoo.kernels.pallas_layout import prepare, with_defaults
 from xformers_zoo.kernels.pallas_mosaic_mask import (
@@ -343,6 +344,30 @@ def test_features_are_named_from_one_list():
     assert every == set(MOSAIC_FEATURES)
     assert mosaic_features(causal=False, block_mask=None, predicate=None, key_mask=None,
                            key_mask_is_prefix=False, dropout_rate=0.0, padded=False) == set()
+
+
+@pytest.mark.parametrize("name,options,q_len,k_len", CASES, ids=IDS)
+@pytest.mark.parametrize("validated", [False, True])
+def test_describe_choice_names_the_family_that_runs(monkeypatch, name, options, q_len, k_len,
+                                                    validated):
+    """``describe_choice`` says which kernel family ``pallas`` runs a call on, and why not the
+    Mosaic one: the family it names is the one that lowers."""
+    monkeypatch.setattr(pallas_module, "_compute_capability", lambda: "9.0")
+    if validated:
+        monkeypatch.setattr(pallas_module, "MOSAIC_VALIDATED", frozenset(MOSAIC_FEATURES))
+    call = AttentionCall(
+        backend="gpu", dtype="bfloat16", batch=2, q_len=q_len, k_len=k_len, num_heads=2,
+        head_dim=64, has_key_mask="key_mask" in options, block_mask=options.get("block_mask"),
+        causal=options.get("causal", False), dropout_rate=0.0,
+        key_mask_is_prefix=options.get("key_mask_is_prefix", False),
+        mask_predicate=options.get("mask_predicate"))
+    family = describe_choice(call, ("pallas",))
+    text = _lowered_grad(options, q_len, k_len, 0.0, kernels=None)
+    if "mosaic_gpu" in text:
+        assert family == "pallas (mosaic)"
+    else:
+        assert family.startswith("pallas (triton: the Mosaic kernels are not yet validated")
+        assert not validated
 
 
 def test_block_tiles_the_mosaic_kernels_cannot_refine_are_named(monkeypatch):
