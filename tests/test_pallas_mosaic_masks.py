@@ -207,6 +207,40 @@ def test_walk_of_the_mosaic_schedules_matches_the_reference(name, options, q_len
         assert rel_err(call.cut(got, rows), want) < 1e-12, f"d{axis}"
 
 
+def _random_options(seed: int):
+    """A random mask: lengths, causal or not, a random pattern builder, a random key mask."""
+    rng = np.random.default_rng(seed)
+    q_len, k_len = (int(n) for n in rng.integers(40, 420, size=2))
+    if rng.random() < 0.5:
+        k_len = q_len
+    patterns = [None, predicates.local_blocks(int(rng.integers(5, 90))),
+                predicates.sliding_window(int(rng.integers(0, 200))),
+                predicates.fixed(int(rng.integers(8, 60)), 2),
+                predicates.union(predicates.block_window(int(rng.integers(16, 64)), 1),
+                                 predicates.global_tokens(int(rng.integers(0, 4)))),
+                predicates.strided(int(rng.integers(3, 40)))]
+    options = dict(causal=bool(rng.random() < 0.5),
+                   mask_predicate=patterns[rng.integers(len(patterns))])
+    if rng.random() < 0.5:
+        keep = rng.random((2, k_len)) < rng.uniform(0.3, 1.0)
+        options["key_mask"] = jnp.asarray(keep)
+    return options, q_len, k_len
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_walk_of_random_masks_matches_the_reference(seed):
+    """The schedules and the element mask over random lengths, patterns and key masks."""
+    options, q_len, k_len = _random_options(seed)
+    q, k, v, d_out = _inputs(100 + seed, q_len, k_len)
+    call = _mosaic_call(q, k, v, options)
+    out, lse = walk_forward(call)
+    grads = walk_backward(call, out, lse, d_out)
+    want_out, want_grads = reference(q, k, v, d_out, **options)
+    assert rel_err(call.cut(out, q_len), want_out) < 1e-12
+    for axis, got, want in zip("qkv", grads, want_grads, strict=True):
+        assert rel_err(call.cut(got, q_len if axis == "q" else k_len), want) < 1e-12, f"d{axis}"
+
+
 @pytest.mark.parametrize("name,options,q_len,k_len", CASES, ids=IDS)
 def test_the_launch_masks_keys_the_cheapest_way(name, options, q_len, k_len):
     """Right padding of dense calls goes in as lengths, every other key mask (and the padding of
