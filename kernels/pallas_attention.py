@@ -48,18 +48,14 @@ from xformers_zoo.kernels.pallas_layout import (
     FlashTiles,
     MosaicLaunch,
     input_rejects,
+    kernel_head_dim,
+    mosaic_features,
     prepare,
     tile_part,
     with_defaults,
 )
 from xformers_zoo.kernels.pallas_mosaic_backward import mosaic_backward
-from xformers_zoo.kernels.pallas_mosaic_forward import (
-    BLOCK_K,
-    HEAD_DIMS,
-    mosaic_forward,
-    mosaic_rejects,
-)
-from xformers_zoo.kernels.pallas_mosaic_mask import mosaic_features
+from xformers_zoo.kernels.pallas_mosaic_forward import mosaic_forward, mosaic_rejects
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
     TileSchedule,
@@ -68,7 +64,7 @@ from xformers_zoo.kernels.pallas_schedule import (
 INTERPRET_ENV = "XFORMERS_ZOO_PALLAS_INTERPRET"
 KernelFamily = Literal["mosaic", "triton"]
 KERNEL_FAMILIES: tuple[str, ...] = get_args(KernelFamily)
-# Features of a call (``pallas_mosaic_mask.mosaic_features``) with which the Mosaic kernels run
+# Features of a call (``pallas_layout.mosaic_features``) with which the Mosaic kernels run
 # on Hopper without being asked for: those whose GPU tests (tests/test_pallas_mosaic*.py) have
 # passed on a GPU.
 MOSAIC_VALIDATED = frozenset({"right padding"})
@@ -218,16 +214,15 @@ def _use_mosaic(kernels: KernelFamily | None, interpret: bool, dtype: str, head_
 def pallas_family(call: AttentionCall) -> str:
     """Which kernel family ``pallas`` runs ``call`` on by default, and why not the Mosaic one
     when it does not: "mosaic", or "triton: ..." with the reason."""
-    head_dim = next((s for s in HEAD_DIMS if s >= call.head_dim), call.head_dim)
-    predicate = as_predicate(call.mask_predicate)
-    reason = _mosaic_refusal(call.backend != "gpu", call.dtype, head_dim,
-                             tile_part(call.block_mask, predicate))
+    reason = _mosaic_refusal(call.backend != "gpu", call.dtype, kernel_head_dim(call.head_dim),
+                             tile_part(call.block_mask, as_predicate(call.mask_predicate)))
     if reason is not None:
         return f"triton: the Mosaic kernels cannot serve it: {reason}"
-    features = mosaic_features(causal=call.causal, block_mask=call.block_mask,
-                               predicate=predicate, key_mask=True if call.has_key_mask else None,
+    features = mosaic_features(causal=call.causal, has_block_mask=call.block_mask is not None,
+                               has_predicate=call.mask_predicate is not None,
+                               has_key_mask=call.has_key_mask,
                                key_mask_is_prefix=call.key_mask_is_prefix,
-                               dropout_rate=call.dropout_rate, padded=call.k_len % BLOCK_K != 0)
+                               dropout_rate=call.dropout_rate, k_len=call.k_len)
     pending = sorted(features - MOSAIC_VALIDATED)
     if pending:
         return (f"triton: the Mosaic kernels are not yet validated on a GPU for "

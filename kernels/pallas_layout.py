@@ -24,12 +24,7 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
     QUERY_TILES_PER_PROGRAM,
     MosaicPlan,
 )
-from xformers_zoo.kernels.pallas_mosaic_mask import (
-    MosaicMask,
-    MosaicSchedule,
-    mosaic_features,
-    mosaic_schedule,
-)
+from xformers_zoo.kernels.pallas_mosaic_mask import MosaicMask, MosaicSchedule, mosaic_schedule
 from xformers_zoo.kernels.pallas_schedule import (
     KernelPlan,
     TileSchedule,
@@ -41,6 +36,27 @@ from xformers_zoo.kernels.pallas_split import split_long_rows
 
 # Both kernel families take the head sizes HEAD_DIMS; others run zero-padded to the next one.
 KERNEL_DTYPES = ("bfloat16", "float16", "float32")  # either family; Mosaic: MOSAIC_DTYPES
+# What a call may ask of the Mosaic kernels besides dense attention (``mosaic_features``).
+MOSAIC_FEATURES = ("dropout", "causal", "block mask", "mask predicate", "key mask",
+                   "right padding")
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The kernels' head size a call of ``head_dim`` (at most ``HEAD_DIMS[-1]``) runs at,
+    zero-padded."""
+    return next(size for size in HEAD_DIMS if size >= head_dim)
+
+
+def mosaic_features(*, causal: bool, has_block_mask: bool, has_predicate: bool,
+                    has_key_mask: bool, key_mask_is_prefix: bool, dropout_rate: float,
+                    k_len: int) -> frozenset[str]:
+    """The names (``MOSAIC_FEATURES``) of what a call asks of the Mosaic kernels besides dense
+    attention ("right padding": a prefix key mask, or keys padded to whole tiles)."""
+    prefix_mask = has_key_mask and key_mask_is_prefix
+    named = {"dropout": dropout_rate > 0.0, "causal": causal, "block mask": has_block_mask,
+             "mask predicate": has_predicate, "key mask": has_key_mask and not key_mask_is_prefix,
+             "right padding": prefix_mask or k_len % BLOCK_K != 0}
+    return frozenset(name for name, wanted in named.items() if wanted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,13 +252,15 @@ def prepare(q, k, v, *, key_mask, block_mask, scale, causal, dropout_rate, dropo
         block_mask.check_shape(q_len, k_len, heads)
     scale = float(head_dim ** -0.5 if scale is None else scale)
     # The kernels' head sizes; others run zero-padded to the next one.
-    kernel_dim = next(s for s in HEAD_DIMS if s >= head_dim)
+    kernel_dim = kernel_head_dim(head_dim)
     pattern = block_mask if predicate is None else predicate
     tiles = tiles or default_tiles(kernel_dim, q.dtype, sparse=pattern is not None)
     passes = [_fit_to_mask(t, tile_part(block_mask, predicate)) for t in tiles.passes()]
-    features = mosaic_features(causal=causal, block_mask=block_mask, predicate=predicate,
-                               key_mask=key_mask, key_mask_is_prefix=key_mask_is_prefix,
-                               dropout_rate=dropout_rate, padded=k_len % BLOCK_K != 0)
+    features = mosaic_features(causal=causal, has_block_mask=block_mask is not None,
+                               has_predicate=predicate is not None,
+                               has_key_mask=key_mask is not None,
+                               key_mask_is_prefix=key_mask_is_prefix, dropout_rate=dropout_rate,
+                               k_len=k_len)
     use_mosaic = choose_mosaic(kernels, interpret, str(q.dtype), kernel_dim,
                                tiles=tile_part(block_mask, predicate), features=features)
     if use_mosaic:  # its tiles set the padding of q and k/v too

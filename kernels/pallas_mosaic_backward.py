@@ -73,7 +73,6 @@ from xformers_zoo.kernels.pallas_mosaic_forward import (
     HEAD_DIMS,
     MOSAIC_DTYPES,
     check_launch,
-    check_mask_inputs,
     fixed_words,
     load_vector,
     swizzled,
@@ -82,6 +81,7 @@ from xformers_zoo.kernels.pallas_mosaic_mask import (
     MosaicMask,
     MosaicSchedule,
     ScheduleRow,
+    check_mask_inputs,
     element_visible,
 )
 

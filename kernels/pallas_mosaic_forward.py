@@ -47,6 +47,7 @@ from xformers_zoo.kernels.pallas_mosaic_mask import (
     MosaicMask,
     MosaicSchedule,
     ScheduleRow,
+    check_mask_inputs,
     element_visible,
     tiles_rejects,
 )
@@ -110,21 +111,6 @@ def check_launch(kernel: str, q_len: int, q_multiple: int, k_len: int, k_multipl
                          f"dropout_rate is above 0")
 
 
-def check_mask_inputs(kernel: str, mask: MosaicMask, bias, schedule: MosaicSchedule | None,
-                      rows: int) -> None:
-    """Raises unless the key ``bias`` and the ``schedule`` (``rows`` rows of programs) are given
-    exactly when ``mask`` expects them, the schedule in the shape the mask was planned for."""
-    if mask.has_bias != (bias is not None):
-        raise ValueError(f"{kernel}: a key bias must be given exactly when the mask has one")
-    if mask.sparse != (schedule is not None):
-        raise ValueError(f"{kernel}: a schedule must be given exactly when the mask is sparse")
-    if schedule is not None:
-        want = (mask.schedule_heads, rows, mask.width)
-        if schedule.indices.shape != want:
-            raise ValueError(f"{kernel}: schedule of shape {schedule.indices.shape}, the plan "
-                             f"expects {want} (heads, rows of programs, width)")
-
-
 def load_vector(ref, layout, *, optimized: bool = True):
     """Loads a whole vector ref in ``layout`` (JAX 0.10 takes an index argument, 0.11
     deprecates it). Global-memory refs need ``optimized=False`` (element-wise loads)."""
@@ -172,6 +158,7 @@ def _kernel(q_ref, k_ref, v_ref, extra: dict, o_ref, lse_ref, scratch, *, plan: 
     wg = lax.axis_index("wg")
     block_q, block_k, stages = plan.block_q, plan.block_k, plan.stages
     dtype = q_smem.dtype
+    key_tile = lambda i: i  # noqa: E731 - dense: step i visits key tile i
     if mask.sparse:  # the listed key tiles, fully visible ones first
         row = ScheduleRow(mask, extra["tables"], head, lax.axis_index("q"), q_programs)
         full_steps, steps, key_tile = row.full, row.total, row.tile
@@ -179,10 +166,8 @@ def _kernel(q_ref, k_ref, v_ref, extra: dict, o_ref, lse_ref, scratch, *, plan: 
         length = extra["lengths"][batch]
         full_steps = lax.div(length, block_k)
         steps = lax.div(length + block_k - 1, block_k)
-        key_tile = lambda i: i  # noqa: E731
     else:
         full_steps = steps = k_tiles
-        key_tile = lambda i: i  # noqa: E731
 
     def take_turn():
         plgpu.barrier_arrive(turn)

@@ -28,9 +28,6 @@ import numpy as np
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.mask_predicate import MaskPredicate, refine_tiles, tile_classes
 
-# What a call may ask of the Mosaic kernels besides dense attention (``mosaic_features``).
-MOSAIC_FEATURES = ("dropout", "causal", "block mask", "mask predicate", "key mask",
-                   "right padding")
 # Bits of a listed tile's flags: which masks its pairs must evaluate.
 PREDICATE_PARTIAL = 1
 CAUSAL_PARTIAL = 2
@@ -92,15 +89,19 @@ class MosaicSchedule:
                      for t in (self.indices, self.flags, self.counts))
 
 
-def mosaic_features(*, causal: bool, block_mask, predicate, key_mask, key_mask_is_prefix: bool,
-                    dropout_rate: float, padded: bool) -> frozenset[str]:
-    """The names (``MOSAIC_FEATURES``) of what a call asks of the kernels besides dense
-    attention; ``padded``: its keys are padded to whole tiles."""
-    named = {"dropout": dropout_rate > 0.0, "causal": causal,
-             "block mask": block_mask is not None, "mask predicate": predicate is not None,
-             "key mask": key_mask is not None and not key_mask_is_prefix,
-             "right padding": padded or (key_mask is not None and key_mask_is_prefix)}
-    return frozenset(name for name, wanted in named.items() if wanted)
+def check_mask_inputs(kernel: str, mask: MosaicMask, bias, schedule: MosaicSchedule | None,
+                      rows: int) -> None:
+    """Raises unless the key ``bias`` and the ``schedule`` (``rows`` rows of programs) are given
+    exactly when ``mask`` expects them, the schedule in the shape the mask was planned for."""
+    if mask.has_bias != (bias is not None):
+        raise ValueError(f"{kernel}: a key bias must be given exactly when the mask has one")
+    if mask.sparse != (schedule is not None):
+        raise ValueError(f"{kernel}: a schedule must be given exactly when the mask is sparse")
+    if schedule is not None:
+        want = (mask.schedule_heads, rows, mask.width)
+        if schedule.indices.shape != want:
+            raise ValueError(f"{kernel}: schedule of shape {schedule.indices.shape}, the plan "
+                             f"expects {want} (heads, rows of programs, width)")
 
 
 def tiles_rejects(tiles: BlockMask | None, block_q: int, block_k: int) -> str | None:

@@ -89,6 +89,8 @@ def xla_attention_with_lse(
     key_mask, block_mask, scale, causal and mask_predicate options of ``xla_attention``."""
     del key_mask_is_prefix
     logits, mask = _masked_logits(q, k, **masks)
+    # jax.nn.softmax rather than models.masked_softmax.attend's exp(logits - lse): the two
+    # round differently, and attend's weights moved the tiny ListOps run (37.20% -> 35.90%).
     weights = jax.nn.softmax(logits, axis=-1)
     lse = jax.nn.logsumexp(logits, axis=-1)
     if mask is not None:

@@ -24,13 +24,16 @@ from xformers_zoo.kernels import pallas_attention as pallas_module
 from xformers_zoo.kernels.block_mask import BlockMask
 from xformers_zoo.kernels.dispatch import AttentionCall, describe_choice
 from xformers_zoo.kernels.pallas_in_kernel import EMPTY_ROW_LSE, LOG2_E
-from xformers_zoo.kernels.pallas_layout import prepare, with_defaults
+from xformers_zoo.kernels.pallas_layout import (
+    MOSAIC_FEATURES,
+    mosaic_features,
+    prepare,
+    with_defaults,
+)
 from xformers_zoo.kernels.pallas_mosaic_mask import (
     CAUSAL_PARTIAL,
-    MOSAIC_FEATURES,
     PREDICATE_PARTIAL,
     element_visible,
-    mosaic_features,
     mosaic_schedule,
 )
 
@@ -372,12 +375,13 @@ def test_unvalidated_masks_keep_the_triton_kernels_by_default(monkeypatch, name,
 def test_features_are_named_from_one_list():
     """What a call asks for, and what is validated, are names of ``MOSAIC_FEATURES``."""
     assert pallas_module.MOSAIC_VALIDATED.issubset(MOSAIC_FEATURES)
-    every = mosaic_features(causal=True, block_mask=_per_head_blocks(256, 1, 0),
-                            predicate=LRA_LOCAL, key_mask=jnp.ones((1, 256), bool),
-                            key_mask_is_prefix=False, dropout_rate=0.1, padded=True)
+    every = mosaic_features(causal=True, has_block_mask=True, has_predicate=True,
+                            has_key_mask=True, key_mask_is_prefix=False, dropout_rate=0.1,
+                            k_len=250)
     assert every == set(MOSAIC_FEATURES)
-    assert mosaic_features(causal=False, block_mask=None, predicate=None, key_mask=None,
-                           key_mask_is_prefix=False, dropout_rate=0.0, padded=False) == set()
+    assert mosaic_features(causal=False, has_block_mask=False, has_predicate=False,
+                           has_key_mask=False, key_mask_is_prefix=False, dropout_rate=0.0,
+                           k_len=256) == set()
 
 
 @pytest.mark.parametrize("name,options,q_len,k_len", CASES, ids=IDS)
